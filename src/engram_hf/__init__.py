@@ -1,0 +1,41 @@
+"""engram-hf: Engram conditional memory (DeepSeek, arXiv 2601.07372) for Hugging Face transformers.
+
+Importing the package registers ``engram_moe`` with ``AutoConfig``, ``AutoModel`` and
+``AutoModelForCausalLM``.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .memory import (
+    EngramMemory,
+    NgramHasher,
+    TokenCompressor,
+    build_compression_table,
+    convert_reference_state_dict,
+    load_reference_engram,
+)
+from .models.engram_moe import EngramMoEConfig, EngramMoEForCausalLM, EngramMoEModel, EngramMoEPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(EngramMoEConfig.model_type, EngramMoEConfig, exist_ok=True)
+AutoModel.register(EngramMoEConfig, EngramMoEModel, exist_ok=True)
+AutoModelForCausalLM.register(EngramMoEConfig, EngramMoEForCausalLM, exist_ok=True)
+# save_pretrained then writes `auto_map` and copies the model files into the checkpoint, so
+# `trust_remote_code=True` loads it in a process that never imported engram_hf.
+EngramMoEConfig.register_for_auto_class()
+EngramMoEModel.register_for_auto_class("AutoModel")
+EngramMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "EngramMoEConfig",
+    "EngramMoEModel",
+    "EngramMoEForCausalLM",
+    "EngramMoEPreTrainedModel",
+    "EngramMemory",
+    "NgramHasher",
+    "TokenCompressor",
+    "build_compression_table",
+    "convert_reference_state_dict",
+    "load_reference_engram",
+]

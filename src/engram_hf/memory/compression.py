@@ -1,0 +1,125 @@
+"""Tokenizer compression: map every token id to a canonical id (paper §2.2, step 1).
+
+Tokens that differ only by case, accents, Unicode compatibility form or surrounding whitespace
+share one canonical id, so their n-grams share memory rows. The table is computed once from a
+tokenizer and stored inside the checkpoint as a buffer: a model never needs the tokenizer at run
+time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tokenizers import Regex, normalizers
+from tqdm.auto import tqdm
+
+# Private-use code point standing in for a lone space while `Strip` runs, so that a token that is
+# exactly one space keeps its identity instead of collapsing into the empty string.
+_LONE_SPACE = "\ue000"
+
+
+def _canonical_normalizer() -> normalizers.Normalizer:
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.NFD(),
+            normalizers.StripAccents(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"[ \t\r\n]+"), " "),
+            normalizers.Replace(Regex(r"^ $"), _LONE_SPACE),
+            normalizers.Strip(),
+            normalizers.Replace(_LONE_SPACE, " "),
+        ]
+    )
+
+
+def canonical_keys(tokenizer, progress: bool = True) -> list[str]:
+    """The canonical key of every id ``0..len(tokenizer)-1`` (see ``build_compression_table``)."""
+    vocab_size = len(tokenizer)
+    if vocab_size <= 0:
+        raise ValueError("The tokenizer is empty (len(tokenizer) == 0); load it with from_pretrained(dir).")
+    normalizer = _canonical_normalizer()
+    texts = tokenizer.batch_decode([[i] for i in range(vocab_size)], skip_special_tokens=False)
+    keys = []
+    for tid, text in enumerate(tqdm(texts, desc="compression table", disable=not progress, mininterval=1.0)):
+        if "\ufffd" in text:
+            # A byte-fallback fragment of a multi-byte character: its decoded text is lossy, so the
+            # raw token string is the only faithful identity.
+            keys.append(tokenizer.convert_ids_to_tokens(tid))
+        else:
+            norm = normalizer.normalize_str(text)
+            keys.append(norm if norm else text)
+    return keys
+
+
+def build_compression_table(tokenizer, progress: bool = True) -> torch.LongTensor:
+    """Build the tokenizer-compression table of the Engram reference.
+
+    Each id is decoded alone (special tokens kept). Text containing U+FFFD keys by its raw token
+    string; other text is normalised with NFKC, NFD, accent stripping and lowercasing, runs of
+    ``[ \\t\\r\\n]`` collapse to one space, a lone space is kept and the rest is stripped (an empty
+    result falls back to the raw text). Canonical ids are numbered in first-seen order.
+
+    Returns an int64 tensor ``[len(tokenizer)]``; ``int(table.max()) + 1`` is the compressed vocab
+    size to put in ``EngramMoEConfig.compressed_vocab_size``.
+    """
+    key_to_id: dict[str, int] = {}
+    table = [key_to_id.setdefault(key, len(key_to_id)) for key in canonical_keys(tokenizer, progress)]
+    return torch.tensor(table, dtype=torch.long)
+
+
+class TokenCompressor(nn.Module):
+    """Holds the compression table and applies it with input validation.
+
+    ``lookup_table`` is a persistent buffer so that it travels inside the checkpoint. A model built
+    from a config alone starts with the identity table (every id is its own canonical id).
+    """
+
+    def __init__(self, vocab_size: int, compressed_vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.compressed_vocab_size = compressed_vocab_size
+        self.lookup_table = nn.Buffer(torch.empty(vocab_size, dtype=torch.long), persistent=True)
+
+    def identity_table(self) -> torch.LongTensor:
+        if self.compressed_vocab_size != self.vocab_size:
+            raise ValueError(
+                f"compressed_vocab_size={self.compressed_vocab_size} differs from vocab_size={self.vocab_size}, "
+                "so the compression table cannot be the identity: set one with model.set_compression_table("
+                "engram_hf.build_compression_table(tokenizer))."
+            )
+        return torch.arange(self.vocab_size, dtype=torch.long)
+
+    @torch.no_grad()
+    def set_table(self, table: torch.Tensor) -> None:
+        table = torch.as_tensor(table)
+        validate_compression_table(table, self.vocab_size, self.compressed_vocab_size)
+        self.lookup_table.copy_(table.to(self.lookup_table.device, torch.long))
+
+    def validate(self) -> None:
+        validate_compression_table(self.lookup_table, self.vocab_size, self.compressed_vocab_size)
+
+    def forward(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}.")
+        if input_ids.numel() > 0:
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"input_ids contains {bad}, outside the vocabulary [0, {self.vocab_size}).")
+        return self.lookup_table[input_ids.long()]
+
+
+def validate_compression_table(table: torch.Tensor, vocab_size: int, compressed_vocab_size: int) -> None:
+    if table.dim() != 1 or table.shape[0] != vocab_size:
+        raise ValueError(f"The compression table must have shape [{vocab_size}], got {list(table.shape)}.")
+    if table.is_floating_point() or table.is_complex():
+        raise TypeError(f"The compression table must hold integers, got {table.dtype}.")
+    if table.numel() and int(table.min()) < 0:
+        raise ValueError("The compression table holds negative canonical ids.")
+    size = int(table.max()) + 1 if table.numel() else 0
+    if size != compressed_vocab_size:
+        raise ValueError(
+            f"The compression table has {size} canonical ids but config.compressed_vocab_size is "
+            f"{compressed_vocab_size}: the checkpoint and its config disagree (the hash multipliers depend on it)."
+        )

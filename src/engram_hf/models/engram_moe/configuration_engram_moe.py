@@ -1,0 +1,231 @@
+"""Configuration of the Engram MoE causal LM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from transformers import PreTrainedConfig
+
+
+class EngramMoEConfig(PreTrainedConfig):
+    r"""Configuration of [`EngramMoEForCausalLM`]: a DeepSeek-style MoE decoder with `hc_mult`
+    hyper-connected residual streams and Engram conditional memory at `engram_layer_ids`.
+
+    Every field is validated when the config is built, so a bad value fails here with a precise
+    message rather than deep inside a forward pass.
+
+    Backbone:
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads (GQA),
+        head_dim (default `hidden_size // num_attention_heads`), intermediate_size (dense FFN),
+        hidden_act, max_position_embeddings, rms_norm_eps, initializer_range, rope_parameters
+        (default `{"rope_type": "default", "rope_theta": 10000.0}`), attention_bias, attention_dropout.
+    MoE (DeepSeek style, used from layer `first_k_dense_replace` on):
+        n_routed_experts, num_experts_per_tok (top-k), n_shared_experts, moe_intermediate_size,
+        scoring_func (`"softmax"` or `"sigmoid"`), norm_topk_prob, routed_scaling_factor,
+        router_aux_loss_coef (weight of the load-balancing term added to the loss),
+        router_bias_update_rate (> 0 enables the auxiliary-loss-free bias; see
+        `EngramMoEForCausalLM.update_router_biases`).
+    Hyper-connections:
+        hc_mult: number of parallel residual streams (1 gives a plain residual network).
+    Engram (names follow the reference implementation):
+        engram_layer_ids: decoder layers with an Engram module, in the order that allocates primes.
+        engram_vocab_size: base table size per n-gram order (one int for all orders, or a list of
+            `engram_max_ngram_size - 1`); each head's table is the next unused prime at or above it.
+        engram_max_ngram_size (N), engram_n_head_per_ngram (K), engram_n_embed_per_ngram (embed dim
+            of one order, split over its K heads), engram_kernel_size (short conv, dilation N),
+        engram_seed, engram_pad_id (raw token id used for positions before the start and for padding;
+            default: `pad_token_id`, else `eos_token_id`, else 0),
+        compressed_vocab_size: number of canonical ids of the tokenizer-compression table
+            (default `vocab_size`, i.e. the identity table).
+    """
+
+    model_type = "engram_moe"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        hidden_size: int = 512,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = 4,
+        head_dim: int | None = None,
+        intermediate_size: int = 1408,
+        hidden_act: str = "silu",
+        max_position_embeddings: int = 4096,
+        rms_norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        rope_parameters: dict | None = None,
+        attention_bias: bool = False,
+        attention_dropout: float = 0.0,
+        n_routed_experts: int = 8,
+        num_experts_per_tok: int = 2,
+        n_shared_experts: int = 1,
+        moe_intermediate_size: int = 256,
+        first_k_dense_replace: int = 1,
+        scoring_func: str = "softmax",
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        router_aux_loss_coef: float = 0.001,
+        router_bias_update_rate: float = 0.0,
+        hc_mult: int = 4,
+        engram_layer_ids: Sequence[int] = (1, 4),
+        engram_vocab_size: int | Sequence[int] = 100_003,
+        engram_max_ngram_size: int = 3,
+        engram_n_head_per_ngram: int = 8,
+        engram_n_embed_per_ngram: int = 256,
+        engram_kernel_size: int = 4,
+        engram_seed: int = 0,
+        engram_pad_id: int | None = None,
+        compressed_vocab_size: int | None = None,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        tie_word_embeddings: bool = False,
+        **kwargs,
+    ):
+        # Derived fields written by save_pretrained; always recomputed from the fields above.
+        kwargs.pop("layer_types", None)
+        kwargs.pop("number_of_conv_states", None)
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.rope_parameters = dict(rope_parameters) if rope_parameters else {"rope_type": "default", "rope_theta": 10000.0}
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.n_routed_experts = n_routed_experts
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_shared_experts = n_shared_experts
+        self.moe_intermediate_size = moe_intermediate_size
+        self.first_k_dense_replace = first_k_dense_replace
+        self.scoring_func = scoring_func
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.router_bias_update_rate = router_bias_update_rate
+        self.hc_mult = hc_mult
+        self.engram_layer_ids = [int(i) for i in engram_layer_ids]
+        self.engram_max_ngram_size = engram_max_ngram_size
+        if isinstance(engram_vocab_size, int):
+            engram_vocab_size = [engram_vocab_size] * max(engram_max_ngram_size - 1, 0)
+        self.engram_vocab_size = [int(v) for v in engram_vocab_size]
+        self.engram_n_head_per_ngram = engram_n_head_per_ngram
+        self.engram_n_embed_per_ngram = engram_n_embed_per_ngram
+        self.engram_kernel_size = engram_kernel_size
+        self.engram_seed = engram_seed
+        if engram_pad_id is None:
+            engram_pad_id = next((t for t in (pad_token_id, eos_token_id) if isinstance(t, int)), 0)
+        self.engram_pad_id = engram_pad_id
+        self.compressed_vocab_size = vocab_size if compressed_vocab_size is None else compressed_vocab_size
+        self.use_cache = use_cache
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.tie_word_embeddings = tie_word_embeddings
+        self._validate()
+        # Engram layers cache conv states beside their KV (see engram_hf.memory.cache).
+        self.layer_types = [
+            "hybrid" if i in self.engram_layer_ids else "full_attention" for i in range(num_hidden_layers)
+        ]
+        self.number_of_conv_states = 2
+        super().__init__(**kwargs)
+
+    def _validate(self) -> None:
+        def positive(**fields):
+            for name, value in fields.items():
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+        positive(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings,
+            n_routed_experts=self.n_routed_experts,
+            num_experts_per_tok=self.num_experts_per_tok,
+            moe_intermediate_size=self.moe_intermediate_size,
+            hc_mult=self.hc_mult,
+            engram_n_head_per_ngram=self.engram_n_head_per_ngram,
+            engram_n_embed_per_ngram=self.engram_n_embed_per_ngram,
+            engram_kernel_size=self.engram_kernel_size,
+            compressed_vocab_size=self.compressed_vocab_size,
+        )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim explicitly."
+                )
+        else:
+            positive(head_dim=self.head_dim)
+        if (self.head_dim or self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("The attention head dim must be even for rotary embeddings.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+        if self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}.")
+        if self.num_experts_per_tok > self.n_routed_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts ({self.n_routed_experts})."
+            )
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ValueError(
+                f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}], "
+                f"got {self.first_k_dense_replace}."
+            )
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {self.scoring_func!r}.")
+        for name in ("router_aux_loss_coef", "router_bias_update_rate", "routed_scaling_factor", "attention_dropout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if "rope_theta" not in self.rope_parameters and self.rope_parameters.get("rope_type", "default") == "default":
+            raise ValueError("rope_parameters needs 'rope_theta'.")
+
+        for layer_id in self.engram_layer_ids:
+            if not 0 <= layer_id < self.num_hidden_layers:
+                raise ValueError(
+                    f"engram_layer_ids contains {layer_id}, outside [0, num_hidden_layers={self.num_hidden_layers})."
+                )
+        if len(set(self.engram_layer_ids)) != len(self.engram_layer_ids):
+            raise ValueError(f"engram_layer_ids has duplicates: {self.engram_layer_ids}.")
+        if not isinstance(self.engram_max_ngram_size, int) or self.engram_max_ngram_size < 2:
+            raise ValueError(f"engram_max_ngram_size must be an integer >= 2, got {self.engram_max_ngram_size!r}.")
+        if len(self.engram_vocab_size) != self.engram_max_ngram_size - 1:
+            raise ValueError(
+                f"engram_vocab_size needs one size per n-gram order 2..{self.engram_max_ngram_size} "
+                f"({self.engram_max_ngram_size - 1} values), got {self.engram_vocab_size}."
+            )
+        for size in self.engram_vocab_size:
+            if size <= 1:
+                raise ValueError(f"engram_vocab_size entries must be > 1, got {self.engram_vocab_size}.")
+        if self.engram_n_embed_per_ngram % self.engram_n_head_per_ngram:
+            raise ValueError(
+                f"engram_n_embed_per_ngram ({self.engram_n_embed_per_ngram}) is not divisible by "
+                f"engram_n_head_per_ngram ({self.engram_n_head_per_ngram})."
+            )
+        if not 0 <= self.engram_pad_id < self.vocab_size:
+            raise ValueError(f"engram_pad_id ({self.engram_pad_id}) is outside the vocabulary [0, {self.vocab_size}).")
+
+    @property
+    def engram_embed_dim(self) -> int:
+        """Width of the concatenated retrieved rows e_t."""
+        return (self.engram_max_ngram_size - 1) * self.engram_n_embed_per_ngram
+
+
+__all__ = ["EngramMoEConfig"]
