@@ -80,6 +80,8 @@ class TokenCompressor(nn.Module):
         self.vocab_size = vocab_size
         self.compressed_vocab_size = compressed_vocab_size
         self.lookup_table = nn.Buffer(torch.empty(vocab_size, dtype=torch.long), persistent=True)
+        # The table is checked once before first use, and again after it is replaced.
+        self._checked = False
 
     def identity_table(self) -> torch.LongTensor:
         if self.compressed_vocab_size != self.vocab_size:
@@ -95,11 +97,25 @@ class TokenCompressor(nn.Module):
         table = torch.as_tensor(table)
         validate_compression_table(table, self.vocab_size, self.compressed_vocab_size)
         self.lookup_table.copy_(table.to(self.lookup_table.device, torch.long))
+        self._checked = True
 
     def validate(self) -> None:
+        if self.lookup_table.numel() and int(self.lookup_table.min()) < 0:
+            raise ValueError(
+                f"No compression table is set (compressed_vocab_size={self.compressed_vocab_size} != "
+                f"vocab_size={self.vocab_size}): call model.set_compression_table("
+                "engram_hf.build_compression_table(tokenizer)) or load a checkpoint that has one."
+            )
         validate_compression_table(self.lookup_table, self.vocab_size, self.compressed_vocab_size)
+        self._checked = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._checked = False
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        if not self._checked:
+            self.validate()
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}.")
         if input_ids.numel() > 0:

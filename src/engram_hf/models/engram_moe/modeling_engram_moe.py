@@ -412,16 +412,16 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
         if not use_cache:
             past_key_values = None
 
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
-        B, T = inputs_embeds.shape[:2]
+        B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             if attention_mask.shape[0] != B or attention_mask.shape[1] < T:
-                raise ValueError(
-                    f"attention_mask {list(attention_mask.shape)} does not cover input of shape [{B}, {T}]."
-                )
+                raise ValueError(f"attention_mask {list(attention_mask.shape)} does not cover input of shape [{B}, {T}].")
             token_mask = attention_mask[:, -T:]
+        # Hashing first: it validates the ids before any lookup, and depends on nothing else.
+        hash_ids = self.compute_hash_ids(input_ids, token_mask, past_key_values) if input_ids is not None else {}
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             if token_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
@@ -429,7 +429,6 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
                 past = past_key_values.get_seq_length() if past_key_values is not None else 0
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
 
-        hash_ids = self.compute_hash_ids(input_ids, token_mask, past_key_values) if input_ids is not None else {}
         causal_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=inputs_embeds,

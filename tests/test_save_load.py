@@ -1,0 +1,119 @@
+"""Round trips through save_pretrained / from_pretrained, with and without the installed package."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from engram_hf import EngramMoEConfig, EngramMoEForCausalLM, EngramMoEModel
+
+from conftest import tiny_model
+
+COMPRESSED = 61
+
+
+def _compressed_model():
+    m = tiny_model(compressed_vocab_size=COMPRESSED)
+    table = torch.arange(97) % COMPRESSED  # a non-identity table: ids 61..96 fold onto 0..35
+    m.set_compression_table(table)
+    return m, table
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    m, table = _compressed_model()
+    path = tmp_path_factory.mktemp("ckpt")
+    m.save_pretrained(path)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = m(ids).logits
+    return m, path, ids, logits, table
+
+
+def test_reload_gives_identical_logits_and_buffers(saved):
+    m, path, ids, logits, table = saved
+    r = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert type(r) is EngramMoEForCausalLM
+    with torch.no_grad():
+        assert torch.equal(r(ids).logits, logits)
+    mine, theirs = dict(m.named_buffers()), dict(r.named_buffers())
+    assert mine.keys() == theirs.keys()
+    for name, buf in mine.items():
+        if name.endswith("expert_load"):
+            continue  # running statistic, reset on load by design
+        assert torch.equal(buf, theirs[name]), f"buffer {name} not restored"
+    assert torch.equal(r.model.compressor.lookup_table, table)
+
+
+def test_checkpoint_holds_table_and_auto_map(saved):
+    _, path, *_ = saved
+    state = load_file(str(path / "model.safetensors"))
+    assert "model.compressor.lookup_table" in state
+    assert not any("hasher" in k for k in state), "derived hash buffers should not be stored"
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "engram_moe"
+    assert cfg["auto_map"]["AutoModelForCausalLM"].endswith("EngramMoEForCausalLM")
+    assert (path / "modeling_engram_moe.py").exists() and (path / "configuration_engram_moe.py").exists()
+
+
+def test_auto_classes_registered(saved):
+    _, path, *_ = saved
+    assert isinstance(AutoConfig.from_pretrained(path), EngramMoEConfig)
+    assert type(AutoModel.from_pretrained(path)) is EngramMoEModel
+
+
+def test_trust_remote_code_without_importing_package(saved, tmp_path):
+    _, path, ids, logits, _ = saved
+    torch.save  # noqa: B018  (we exchange tensors through safetensors, never pickle)
+    from safetensors.torch import save_file
+
+    save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
+    script = f"""
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
+assert "engram_hf" not in type(m).__module__, type(m).__module__
+ids = load_file({str(tmp_path / 'ids.safetensors')!r})["ids"]
+with torch.no_grad():
+    save_file({{"logits": m(ids).logits.contiguous()}}, {str(tmp_path / 'out.safetensors')!r})
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert torch.equal(load_file(str(tmp_path / "out.safetensors"))["logits"], logits)
+
+
+def test_mismatched_compressed_vocab_fails_at_load(saved, tmp_path):
+    _, path, *_ = saved
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in path.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["compressed_vocab_size"] = COMPRESSED + 5
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="canonical ids"):
+        AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_fresh_model_without_table_refuses_to_run():
+    m = tiny_model(compressed_vocab_size=COMPRESSED)
+    with pytest.raises(ValueError, match="No compression table is set"):
+        m(torch.tensor([[1, 2, 3]]))
+
+
+def test_bf16_forward_runs_and_is_close(saved):
+    m, _, ids, logits, _ = saved
+    b = tiny_model(compressed_vocab_size=COMPRESSED)
+    b.load_state_dict(m.state_dict())
+    b = b.to(torch.bfloat16)
+    with torch.no_grad():
+        out = b(ids).logits.float()
+    assert torch.isfinite(out).all()
+    assert (out - logits).abs().max() < 0.5
