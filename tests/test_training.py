@@ -89,5 +89,7 @@ def test_demo_job_end_to_end(tmp_path):
     assert summary["reload_logits_identical"] and summary["cached_generation_matches"]
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
     assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
+    card = (tmp_path / "demo" / "model" / "README.md").read_text()
+    assert "EngramMoE tiny" in card and "{" not in card.split("```")[0]
     png = tmp_path / "demo" / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

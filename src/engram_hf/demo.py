@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 from .data import builtin_text
 from .memory import build_compression_table
+from .model_card import render_model_card
 from .models.engram_moe import EngramMoEForCausalLM
 from .presets import preset_config
 from .training import RouterBiasCallback, pack_texts, plot_loss_curve, train_bpe_tokenizer
@@ -95,9 +96,17 @@ def run_demo(
 
     model_dir = out / "model"
 
+    training_note = (
+        f"{steps} steps of AdamW (lr {learning_rate}, cosine) with `transformers.Trainer` on "
+        f"{'the built-in Sonnets' if not text_files else ', '.join(Path(f).name for f in text_files)}, "
+        f"blocks of {block_size} tokens, batch {batch_size}. Held-out loss {eval_before:.3f} -> {eval_after:.3f}."
+    )
+
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        card = render_model_card(model, f"EngramMoE {preset} (engram-hf demo)", str(model_dir), training_note)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
 
     atomic_write_dir(model_dir, save)
     reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
