@@ -58,6 +58,9 @@ class EngramMemory(nn.Module):
         self.conv_norm = RMSNorm((self.hc_mult, self.hidden_size), eps=1e-5)
         channels = self.hc_mult * self.hidden_size
         self.conv = nn.Conv1d(channels, channels, self.kernel_size, groups=channels, bias=False)
+        # Sparse (row) table gradients: set by engram_hf.optim.set_sparse_table_grads together with
+        # an optimizer that accepts them. Off by default so any torch optimizer works.
+        self.sparse_grad = False
 
     def hash(self, history: torch.LongTensor) -> torch.LongTensor:
         """Canonical ids with ``N-1`` ids of left context → row ids ``[B,T,(N-1)K]`` (no offsets)."""
@@ -66,7 +69,7 @@ class EngramMemory(nn.Module):
     def lookup(self, hash_ids: torch.LongTensor) -> torch.Tensor:
         """Gather one row per (order, head) and concatenate them: ``e_t`` ``[B, T, E]``."""
         weight = self.table.weight
-        rows = F.embedding((hash_ids + self.hasher.offsets).to(weight.device), weight)
+        rows = F.embedding((hash_ids + self.hasher.offsets).to(weight.device), weight, sparse=self.sparse_grad)
         return rows.flatten(-2).to(hash_ids.device)
 
     def forward(
