@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from engram_hf import EngramMemory, EngramMoEConfig, TokenCompressor, load_reference_engram
+from engram_hf.memory.cache import EngramInputs
 from engram_hf.memory.hashing import NgramHasher, layer_multipliers, table_primes
 
 from conftest import GOLDEN_DIR, SHARED
@@ -71,6 +72,7 @@ def test_case(case, gpt2_compression, gpt2_tokenizer):
 
     primes = table_primes(meta["engram_vocab_size"], n, k, layer_ids)
     history = torch.cat([torch.full((input_ids.shape[0], n - 1), pad), compressed], dim=1)
+    inputs = EngramInputs.build(input_ids, table, table[meta["pad_id"]], n - 1)
     for layer_id in layer_ids:
         mult = layer_multipliers(meta["seed"], layer_id, n, compressed_vocab)
         if "multipliers" in meta:
@@ -104,7 +106,8 @@ def test_case(case, gpt2_compression, gpt2_tokenizer):
             compressed_vocab_size=compressed_vocab,
         )
         engram = load_reference_engram(EngramMemory(config, layer_id), weights).eval()
+        assert torch.equal(engram.hash(inputs), hash_ids)
         with torch.no_grad():
-            out = engram(tensors[f"layer{layer_id}.hidden_states"].float(), engram.hash(history))
+            out = engram(tensors[f"layer{layer_id}.hidden_states"].float(), inputs)
         expected = tensors[f"layer{layer_id}.output"].float()
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} layer {layer_id}: {m}")

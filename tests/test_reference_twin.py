@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engram_hf import EngramMemory, EngramMoEConfig, load_reference_engram
+from engram_hf.memory.cache import EngramInputs
 from engram_hf.memory.hashing import NgramHasher, layer_multipliers, table_primes
 from engram_hf.testing import ReferenceEngram
 
@@ -42,11 +43,8 @@ def _build(case, vocab=300, compressed=180):
     return ref, ours, torch.from_numpy(table), hidden
 
 
-def _our_hashes(ours, table, ids, pad_raw=5):
-    c = table[ids]
-    n_ctx = ours.max_ngram_size - 1
-    history = torch.cat([torch.full((ids.shape[0], n_ctx), int(table[pad_raw])), c], dim=1)
-    return ours.hash(history)
+def _inputs(ours, table, ids, pad_raw=5):
+    return EngramInputs.build(ids, table, table[pad_raw], ours.max_ngram_size - 1)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"hc{c[0]}-N{c[1]}-K{c[2]}-k{c[4]}-L{c[6]}" for c in CASES])
@@ -56,11 +54,11 @@ def test_outputs_and_gradients_match_reference(case):
     ids = torch.randint(0, len(table), (3, 23), generator=g)
     h = torch.randn(3, 23, case[0], hidden, generator=g)
 
-    assert np.array_equal(_our_hashes(ours, table, ids).numpy(), ref.hash(ids.numpy()))
+    assert np.array_equal(ours.hash(_inputs(ours, table, ids)).numpy(), ref.hash(ids.numpy()))
 
     h1, h2 = h.clone().requires_grad_(), h.clone().requires_grad_()
     out_ref = ref(h1, ids)
-    out = ours(h2, _our_hashes(ours, table, ids))
+    out = ours(h2, _inputs(ours, table, ids))
     torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
 
     w = torch.randn_like(out)

@@ -12,42 +12,41 @@ reorders and ``reset`` clears like any other:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 
 CONV_STATE = 0
 TOKEN_STATE = 1
 NUM_STATES = 2
 
 
-def token_history(ids: torch.LongTensor, n_ctx: int, pad_id: int, cache=None, layer_idx: int | None = None):
-    """Prepend the ``n_ctx`` canonical ids preceding ``ids`` ([B, T]); returns ``[B, n_ctx + T]``.
+@dataclass
+class EngramInputs:
+    """What every Engram layer of one forward needs to address its rows.
 
-    Without a cache (or on its first use) the context is ``pad_id``, as positions before the start
-    are in the reference. With a cache, the last ``n_ctx`` ids are stored for the next call.
+    ``ids`` are raw token ids ``[B, T]``; ``lut`` the compression table; ``prefix`` the ``N-1``
+    canonical ids preceding ``ids`` (the pad id at a sequence start, the cached ids when decoding);
+    ``pad`` the canonical pad id (0-dim); ``mask`` ``[B, T]`` marks real tokens (None: all real).
     """
-    prev = cache.get_conv_state(layer_idx, TOKEN_STATE) if cache is not None else None
-    if prev is None:
-        prev = ids.new_full((ids.shape[0], n_ctx), pad_id)
-    # torch.cat copies, so the in-place cache update below cannot alias `history`.
-    history = torch.cat([prev, ids], dim=1)
-    if cache is not None:
-        # Store the padded history so a prompt shorter than n_ctx is padded with pad_id, not 0.
-        cache.update_conv_state(history[:, -n_ctx:], layer_idx, state_idx=TOKEN_STATE, conv_kernel_size=n_ctx)
-    return history
 
+    ids: torch.LongTensor
+    lut: torch.LongTensor
+    prefix: torch.LongTensor
+    pad: torch.LongTensor
+    mask: torch.Tensor | None = None
 
-def conv_input_with_state(x: torch.Tensor, state_len: int, cache=None, layer_idx: int | None = None) -> torch.Tensor:
-    """Left context for a causal conv over ``x`` ([B, C, T]): returns ``[B, C, state_len + T]``.
-
-    The context is zeros at the start of a sequence (the conv's own zero padding in the reference)
-    and the cached inputs during decoding.
-    """
-    prev = cache.get_conv_state(layer_idx, CONV_STATE) if cache is not None else None
-    if prev is None:
-        full = F.pad(x, (state_len, 0))
-    else:
-        full = torch.cat([prev.to(x.dtype), x], dim=-1)
-    if cache is not None:
-        cache.update_conv_state(full[..., -state_len:], layer_idx, state_idx=CONV_STATE, conv_kernel_size=state_len)
-    return full
+    @classmethod
+    def build(cls, ids, lut, pad, n_ctx: int, mask=None, cache=None, layer_idx: int | None = None) -> EngramInputs:
+        """Assemble the inputs, reading the n-gram context from ``cache`` and storing the new one."""
+        pad = torch.as_tensor(pad, dtype=torch.long, device=ids.device).reshape(())
+        prev = cache.get_conv_state(layer_idx, TOKEN_STATE) if cache is not None else None
+        # A copy: the cache overwrites its tensor in place below.
+        prefix = pad.expand(ids.shape[0], n_ctx).clone() if prev is None else prev.clone()
+        if cache is not None:
+            tail = lut[ids[:, -n_ctx:]]
+            if mask is not None:
+                tail = torch.where(mask[:, -n_ctx:].bool(), tail, pad)
+            history = torch.cat([prefix, tail], dim=1)[:, -n_ctx:]
+            cache.update_conv_state(history, layer_idx, state_idx=TOKEN_STATE, conv_kernel_size=n_ctx)
+        return cls(ids=ids, lut=lut, prefix=prefix, pad=pad, mask=mask)

@@ -114,6 +114,11 @@ class TokenCompressor(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        self.check(input_ids)
+        return self.lookup_table[input_ids.long()]
+
+    def check(self, input_ids: torch.LongTensor) -> None:
+        """Raise a clear error for a missing table or ids that are not valid token ids."""
         if not self._checked:
             self.validate()
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
@@ -123,7 +128,6 @@ class TokenCompressor(nn.Module):
             if lo < 0 or hi >= self.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids contains {bad}, outside the vocabulary [0, {self.vocab_size}).")
-        return self.lookup_table[input_ids.long()]
 
 
 def validate_compression_table(table: torch.Tensor, vocab_size: int, compressed_vocab_size: int) -> None:

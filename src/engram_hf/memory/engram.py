@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..layers.norm import RMSNorm
-from .cache import conv_input_with_state
+from ..ops.hash_gather.naive import hash_rows
+from .cache import CONV_STATE, EngramInputs
 from .hashing import NgramHasher, layer_multipliers, table_primes
 
 
 class EngramMemory(nn.Module):
     """Engram at one layer.
 
-    Data flow: hash ids ``[B,T,(N-1)K]`` → rows of the stacked table → ``e_t`` ``[B,T,E]`` with
-    ``E = (N-1) * n_embed_per_ngram`` → shared value ``v = W_V e`` and one key per residual branch
-    ``k_m = W_K,m e`` → gate ``α_m = σ(ssqrt(<RMSNorm(h_m), RMSNorm(k_m)> / sqrt(D)))`` → ``α_m v`` plus
-    a dilated causal depthwise conv of its per-branch RMSNorm, through SiLU.
+    Data flow: raw ids → canonical ids → hash ids ``[B,T,(N-1)K]`` → rows of the stacked table →
+    ``e_t`` ``[B,T,E]`` with ``E = (N-1) * n_embed_per_ngram`` → shared value ``v = W_V e`` and one
+    key per residual branch ``k_m = W_K,m e`` → gate ``α_m = σ(ssqrt(<RMSNorm(h_m), RMSNorm(k_m)> /
+    sqrt(D)))`` → ``α_m v`` plus a dilated causal depthwise conv of its per-branch RMSNorm through
+    SiLU. The three steps run as ``engram_hf.ops`` (Triton on CUDA, torch twins elsewhere).
 
     Inputs and outputs are ``[B, T, hc_mult, hidden]``; the caller adds the output to the residual
     streams. Parameter layout (the converter maps the reference's names onto it):
@@ -62,42 +62,43 @@ class EngramMemory(nn.Module):
         # an optimizer that accepts them. Off by default so any torch optimizer works.
         self.sparse_grad = False
 
-    def hash(self, history: torch.LongTensor) -> torch.LongTensor:
-        """Canonical ids with ``N-1`` ids of left context → row ids ``[B,T,(N-1)K]`` (no offsets)."""
-        return self.hasher(history)
+    def hash(self, inputs: EngramInputs) -> torch.LongTensor:
+        """Row ids inside each head's table, ``[B,T,(N-1)K]`` without offsets (the reference's hash ids)."""
+        h = self.hasher
+        return hash_rows(inputs.ids, inputs.lut, inputs.prefix, inputs.mask, inputs.pad, h.multipliers, h.moduli)
 
-    def lookup(self, hash_ids: torch.LongTensor) -> torch.Tensor:
-        """Gather one row per (order, head) and concatenate them: ``e_t`` ``[B, T, E]``."""
-        weight = self.table.weight
-        rows = F.embedding((hash_ids + self.hasher.offsets).to(weight.device), weight, sparse=self.sparse_grad)
-        return rows.flatten(-2).to(hash_ids.device)
+    def lookup(self, inputs: EngramInputs) -> tuple[torch.Tensor, torch.LongTensor]:
+        """``e_t`` ``[B, T, E]`` and the global row ids ``[B, T, (N-1)K]`` it was gathered from."""
+        h = self.hasher
+        return ops.hash_gather(
+            inputs.ids, inputs.lut, inputs.prefix, inputs.mask, inputs.pad,
+            h.multipliers, h.moduli, h.offsets, self.table.weight, self.sparse_grad,
+        )
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        hash_ids: torch.LongTensor,
-        token_mask: torch.Tensor | None = None,
-        past_key_values=None,
-    ) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, inputs: EngramInputs, past_key_values=None) -> torch.Tensor:
         B, T, M, D = hidden_states.shape
         if M != self.hc_mult or D != self.hidden_size:
-            raise ValueError(f"Engram expects hidden states [B, T, {self.hc_mult}, {self.hidden_size}], got {list(hidden_states.shape)}.")
-        embeddings = self.lookup(hash_ids).to(hidden_states.dtype)
+            raise ValueError(
+                f"Engram expects hidden states [B, T, {self.hc_mult}, {self.hidden_size}], got {list(hidden_states.shape)}."
+            )
+        embeddings = self.lookup(inputs)[0].to(device=hidden_states.device, dtype=hidden_states.dtype)
         key = self.key_proj(embeddings).view(B, T, M, D)
-        value = self.value_proj(embeddings).unsqueeze(2)
-        gate = (self.key_norm(key) * self.query_norm(hidden_states)).sum(-1) / math.sqrt(D)
-        gate = gate.abs().clamp_min(1e-6).sqrt() * gate.sign()
-        gated = gate.sigmoid().unsqueeze(-1) * value
-        return gated + self.short_conv(gated, token_mask, past_key_values)
+        value = self.value_proj(embeddings)
+        gated = ops.gate_value(
+            key, hidden_states, value, self.key_norm.weight, self.query_norm.weight, self.key_norm.eps, self.query_norm.eps
+        )
+        return self.short_conv(gated, inputs.mask, past_key_values)
 
-    def short_conv(self, x: torch.Tensor, token_mask=None, past_key_values=None) -> torch.Tensor:
-        B, T, M, D = x.shape
-        x = self.conv_norm(x)
-        if token_mask is not None:
-            # Padding must not leak into real tokens' receptive field: it contributes exact zeros,
-            # which is what the sequence start contributes.
-            x = x * token_mask[:, :, None, None].to(x.dtype)
-        x = x.reshape(B, T, M * D).transpose(1, 2)
-        x = conv_input_with_state(x, self.conv_state_len, past_key_values, self.layer_idx)
-        y = F.conv1d(x, self.conv.weight, dilation=self.max_ngram_size, groups=M * D)
-        return F.silu(y).transpose(1, 2).reshape(B, T, M, D)
+    def short_conv(self, gated: torch.Tensor, mask=None, past_key_values=None) -> torch.Tensor:
+        """``gated + SiLU(conv(RMSNorm(gated)))``, continuing from the cached conv state if any."""
+        state = past_key_values.get_conv_state(self.layer_idx, CONV_STATE) if past_key_values is not None else None
+        args = (self.conv_norm.weight, self.conv.weight, self.max_ngram_size, self.conv_norm.eps)
+        if state is not None and gated.shape[1] == 1 and not torch.is_grad_enabled():
+            # Decode: one kernel reads the taps from the cached state and shifts it in place.
+            return ops.short_conv_step(gated, *args, state, mask)
+        y, new_state = ops.short_conv(gated, *args, mask, state)
+        if past_key_values is not None:
+            past_key_values.update_conv_state(
+                new_state, self.layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.conv_state_len
+            )
+        return y

@@ -26,7 +26,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 # Absolute imports: when a checkpoint is loaded with trust_remote_code, transformers copies this
 # file and its relative imports only; the Engram memory comes from the installed package.
 from engram_hf.layers.norm import RMSNorm
-from engram_hf.memory.cache import token_history
+from engram_hf.memory.cache import EngramInputs
 from engram_hf.memory.compression import TokenCompressor
 from engram_hf.memory.engram import EngramMemory
 from engram_hf.memory.hashing import NgramHasher
@@ -263,14 +263,14 @@ class EngramMoEDecoderLayer(GradientCheckpointingLayer):
         streams: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        hash_ids: torch.LongTensor | None = None,
+        engram_inputs: EngramInputs | None = None,
         token_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         engram_enabled: bool = True,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.engram is not None and engram_enabled:
-            streams = streams + self.engram(streams, hash_ids, token_mask, past_key_values)
+            streams = streams + self.engram(streams, engram_inputs, past_key_values)
         x = self.input_layernorm(self.attn_hc.read_in(streams))
         x = self.self_attn(x, position_embeddings, attention_mask, past_key_values, **kwargs)
         streams = self.attn_hc.write_out(streams, x)
@@ -367,25 +367,30 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
         """Install a tokenizer-compression table (see ``engram_hf.build_compression_table``)."""
         self.compressor.set_table(table)
 
-    def compute_hash_ids(
+    def engram_inputs(
         self,
         input_ids: torch.LongTensor,
         token_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
-    ) -> dict[int, torch.LongTensor]:
-        """Hash ids ``[B,T,(N-1)K]`` of every Engram layer. Padded positions hash as the pad id, so
-        padding never reaches a real token's n-grams; with a cache the n-gram context carries over."""
+    ) -> EngramInputs | None:
+        """Validate the ids and bundle what every Engram layer needs to address its rows; with a
+        cache the n-gram context carries over between calls. Padded positions hash as the pad id,
+        so padding never reaches a real token's n-grams."""
         cfg = self.config
         if not cfg.engram_layer_ids:
-            return {}
-        canonical = self.compressor(input_ids)
-        pad = self.compressor.lookup_table[cfg.engram_pad_id]
-        if token_mask is not None:
-            canonical = torch.where(token_mask.bool(), canonical, pad)
-        history = token_history(
-            canonical, cfg.engram_max_ngram_size - 1, pad, past_key_values, cfg.engram_layer_ids[0]
+            return None
+        self.compressor.check(input_ids)
+        lut = self.compressor.lookup_table
+        return EngramInputs.build(
+            input_ids, lut, lut[cfg.engram_pad_id], cfg.engram_max_ngram_size - 1, token_mask,
+            past_key_values, cfg.engram_layer_ids[0],
         )
-        return {i: engram.hash(history) for i, engram in self.engram_layers.items()}
+
+    def compute_hash_ids(self, input_ids: torch.LongTensor, token_mask: torch.Tensor | None = None) -> dict:
+        """Hash ids ``[B,T,(N-1)K]`` of every Engram layer for a sequence starting at ``input_ids``.
+        They depend on token ids only: this is what prefetching or inspecting rows uses."""
+        inputs = self.engram_inputs(input_ids, token_mask)
+        return {i: engram.hash(inputs) for i, engram in self.engram_layers.items()} if inputs else {}
 
     def forward(
         self,
@@ -418,8 +423,8 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
             if attention_mask.shape[0] != B or attention_mask.shape[1] < T:
                 raise ValueError(f"attention_mask {list(attention_mask.shape)} does not cover input of shape [{B}, {T}].")
             token_mask = attention_mask[:, -T:]
-        # Hashing first: it validates the ids before any lookup, and depends on nothing else.
-        hash_ids = self.compute_hash_ids(input_ids, token_mask, past_key_values) if input_ids is not None else {}
+        # Engram inputs first: this validates the ids before any lookup, and depends on nothing else.
+        engram_inputs = self.engram_inputs(input_ids, token_mask, past_key_values) if input_ids is not None else None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
@@ -448,7 +453,7 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
                 streams,
                 position_embeddings,
                 attention_mask=causal_mask,
-                hash_ids=hash_ids.get(layer.layer_idx),
+                engram_inputs=engram_inputs,
                 token_mask=token_mask,
                 past_key_values=past_key_values,
                 engram_enabled=not self.engram_mask,
