@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[128, 1024, 8192])
-    p.add_argument("--decode-steps", type=int, default=64)
+    p.add_argument("--decode-steps", type=int, default=200)
     p.add_argument("--skip", nargs="*", default=[], choices=["reference", "ple", "decode", "gather"])
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -202,6 +202,16 @@ def bench_gather(ours: Ours, device, ids, repeats):
     return {"bytes": nbytes, "gather_GBps": 2 * nbytes / g / 1e9, "copy_GBps": 2 * nbytes / c / 1e9, "fraction_of_copy": c / g}
 
 
+def bench_gemm_floor(ours: Ours, device, hidden, ids, repeats):
+    """Forward time of the key and value projections alone: a floor every Engram implementation
+    (PLE included) pays, since both GEMMs are part of the algorithm."""
+    layer = ours.layer
+    with torch.no_grad():
+        e = layer.lookup(ours.inputs(ids))[0]
+        times = [timed(lambda: (layer.key_proj(e), layer.value_proj(e)), device) for _ in range(repeats * 2)]
+    return statistics.median(times)
+
+
 def bench_decode(layers, args, device):
     """Per-token cost of one cached decode step after `context` tokens of prefill."""
     from transformers import DynamicCache
@@ -263,6 +273,13 @@ def main(argv=None):
             report["ratios"][f"fwd_vs_{base}"] = ours["fwd_tok_s"] / results[base]["fwd_tok_s"]
             report["ratios"][f"fwd_bwd_vs_{base}"] = ours["fwd_bwd_tok_s"] / results[base]["fwd_bwd_tok_s"]
     report["ratios"]["fwd_bwd_big_vs_10k_table"] = ours["fwd_bwd_tok_s"] / results["ours-10k"]["fwd_bwd_tok_s"]
+    floor = bench_gemm_floor(layers["ours"], device, hidden, ids, args.repeats)
+    tokens = ids.numel()
+    report["gemm_floor"] = {
+        "projections_ms": floor * 1e3,
+        "non_gemm_ms": {n: (tokens / r["fwd_tok_s"] - floor) * 1e3 for n, r in results.items()},
+        "fwd_tok_s_if_only_gemms": tokens / floor,
+    }
     if "gather" not in args.skip:
         report["gather"] = bench_gather(layers["ours"], device, ids, args.repeats)
     if "decode" not in args.skip:
@@ -277,6 +294,9 @@ def main(argv=None):
         print(f"{name:<10} {r['table_rows']:>12,} {r['fwd_tok_s']:>12,.0f} {r['fwd_bwd_tok_s']:>15,.0f}")
     for k, v in report["ratios"].items():
         print(f"{k:<28} {v:6.2f}x")
+    f = report["gemm_floor"]
+    print(f"key+value projections alone: {f['projections_ms']:.1f} ms per forward; the rest: "
+          + ", ".join(f"{n} {ms:.1f} ms" for n, ms in f["non_gemm_ms"].items()))
     if "gather" in report:
         g = report["gather"]
         print(f"gather {g['gather_GBps']:.1f} GB/s vs copy {g['copy_GBps']:.1f} GB/s -> {g['fraction_of_copy']:.2f} of copy")

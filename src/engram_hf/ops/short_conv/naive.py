@@ -1,32 +1,41 @@
 """Pure-torch twin of the short-conv kernels: ``x + SiLU(conv(RMSNorm(x)))`` with a causal,
-dilated, depthwise conv over all branches' channels."""
+dilated, depthwise conv over all branches' channels.
+
+The conv is computed as K shifted multiply-adds in the ``[B, T, C]`` layout the branches already
+have, so no transposes are needed; the cached state keeps transformers' ``[B, C, S]`` layout.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ...layers.norm import rms_norm
+from ..gate.naive import inv_rms
 
 
 def normalized_input(x, norm_weight, eps, mask):
-    """RMSNorm per branch, zeros at masked positions, as ``[B, C, T]`` with ``C = M * D``."""
+    """RMSNorm per branch, zeros at masked positions, as ``[B, T, C]`` with ``C = M * D``."""
     B, T, M, D = x.shape
-    xn = rms_norm(x, norm_weight, eps)
+    xn = x * inv_rms(x, eps).to(x.dtype).unsqueeze(-1) * norm_weight.to(x.dtype)
     if mask is not None:
         xn = xn * mask[:, :, None, None].to(xn.dtype)
-    return xn.reshape(B, T, M * D).transpose(1, 2)
+    return xn.reshape(B, T, M * D)
 
 
 def short_conv(x, norm_weight, conv_weight, dilation, eps=1e-5, mask=None, state=None):
     """x: ``[B, T, M, D]``; conv_weight ``[C, 1, K]``; state: ``[B, C, (K-1)*dilation]`` inputs
     preceding x (zeros at a sequence start) or None. Returns ``(y, new_state)``."""
     B, T, M, D = x.shape
-    S = (conv_weight.shape[-1] - 1) * dilation
+    K = conv_weight.shape[-1]
+    S = (K - 1) * dilation
     xn = normalized_input(x, norm_weight, eps, mask)
-    full = F.pad(xn, (S, 0)) if state is None else torch.cat([state.to(xn.dtype), xn], dim=-1)
-    y = F.conv1d(full, conv_weight, dilation=dilation, groups=M * D)
-    return x + F.silu(y).transpose(1, 2).reshape(B, T, M, D), full[..., full.shape[-1] - S :]
+    full = F.pad(xn, (0, 0, S, 0)) if state is None else torch.cat([state.transpose(1, 2).to(xn.dtype), xn], dim=1)
+    taps = conv_weight.reshape(-1, K).t().to(xn.dtype)  # [K, C]
+    y = full[:, :T] * taps[0]
+    for j in range(1, K):
+        y = y.addcmul(full[:, j * dilation : j * dilation + T], taps[j])
+    out = x + F.silu(y).view(B, T, M, D)
+    return out, full[:, full.shape[1] - S :].transpose(1, 2)
 
 
 def short_conv_step(x, norm_weight, conv_weight, dilation, eps, state, mask=None):
