@@ -1,8 +1,14 @@
 import os
 from pathlib import Path
 
-import pytest
 import torch
+
+# Without a GPU, Triton kernels are tested under Triton's interpreter; it must be switched on
+# before triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 import engram_hf  # noqa: F401  (registers the Auto classes)
 
