@@ -37,6 +37,16 @@ from engram_hf.optim import set_sparse_table_grads
 from engram_hf.testing import ReferenceEngram
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=646_400, help="base rows per head (the demo's 129280*5)")
@@ -265,7 +275,7 @@ def main(argv=None):
     layers, results = bench_layers(args, device, hidden, ids)
     report = {
         "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
             "torch": torch.__version__,
             "threads": args.threads,
             "python": sys.version.split()[0],
