@@ -27,6 +27,16 @@ def _demo(args) -> int:
     return 0
 
 
+def _inspect(args) -> int:
+    import json
+
+    from .offload.inspect import describe_checkpoint, format_description
+
+    d = describe_checkpoint(args.path, None if args.engram_offload == "none" else args.engram_offload, args.cache_rows)
+    print(json.dumps(d, indent=2) if args.json else format_description(d))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-hf", description="Engram conditional memory for HF transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="Shall I compare thee")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    insp = sub.add_parser("inspect", help="print each Engram table's size and the expected memory per device")
+    insp.add_argument("path", help="checkpoint directory")
+    insp.add_argument("--engram-offload", choices=["none", "cpu", "disk"], default="none", help="tier to plan for")
+    insp.add_argument("--cache-rows", type=int, default=0, help="hot-row cache size per table (engram_cache_rows)")
+    insp.add_argument("--json", action="store_true")
+    insp.set_defaults(func=_inspect)
     return parser
 
 

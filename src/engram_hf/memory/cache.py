@@ -12,7 +12,7 @@ reorders and ``reset`` clears like any other:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,6 +35,8 @@ class EngramInputs:
     prefix: torch.LongTensor
     pad: torch.LongTensor
     mask: torch.Tensor | None = None
+    # Global row ids per offloaded layer whose rows are being fetched in the background.
+    prefetched: dict[int, torch.LongTensor] = field(default_factory=dict)
 
     @classmethod
     def build(cls, ids, lut, pad, n_ctx: int, mask=None, cache=None, layer_idx: int | None = None) -> EngramInputs:

@@ -7,6 +7,7 @@ from torch import nn
 
 from .. import ops
 from ..layers.norm import RMSNorm
+from ..offload.table import OffloadedTable
 from ..ops.hash_gather.naive import hash_rows
 from .cache import CONV_STATE, EngramInputs
 from .hashing import NgramHasher, layer_multipliers, table_primes
@@ -49,7 +50,11 @@ class EngramMemory(nn.Module):
             config.engram_seed, layer_idx, self.max_ngram_size, config.compressed_vocab_size
         )
         self.hasher = NgramHasher(multipliers, primes)
-        self.table = nn.Embedding(self.hasher.num_rows, self.head_dim)
+        offload = getattr(config, "engram_offload", None)
+        if offload:
+            self.table = OffloadedTable(self.hasher.num_rows, self.head_dim, offload)
+        else:
+            self.table = nn.Embedding(self.hasher.num_rows, self.head_dim)
         self.value_proj = nn.Linear(self.embed_dim, self.hidden_size, bias=True)
         self.key_proj = nn.Linear(self.embed_dim, self.hc_mult * self.hidden_size, bias=True)
         # eps=None: float32 machine epsilon, as the reference's nn.RMSNorm() defaults.
@@ -67,9 +72,25 @@ class EngramMemory(nn.Module):
         h = self.hasher
         return hash_rows(inputs.ids, inputs.lut, inputs.prefix, inputs.mask, inputs.pad, h.multipliers, h.moduli)
 
+    @property
+    def offloaded(self) -> bool:
+        return isinstance(self.table, OffloadedTable)
+
+    def prefetch(self, inputs: EngramInputs) -> None:
+        """Start fetching this layer's rows of an offloaded table in the background."""
+        if self.offloaded:
+            rows = self.hash(inputs) + self.hasher.offsets
+            self.table.prefetch(rows)
+            inputs.prefetched[self.layer_idx] = rows
+
     def lookup(self, inputs: EngramInputs) -> tuple[torch.Tensor, torch.LongTensor]:
         """``e_t`` ``[B, T, E]`` and the global row ids ``[B, T, (N-1)K]`` it was gathered from."""
         h = self.hasher
+        if self.offloaded:
+            rows = inputs.prefetched.get(self.layer_idx)
+            if rows is None:
+                rows = self.hash(inputs) + h.offsets
+            return self.table(rows).flatten(-2), rows
         return ops.hash_gather(
             inputs.ids, inputs.lut, inputs.prefix, inputs.mask, inputs.pad,
             h.multipliers, h.moduli, h.offsets, self.table.weight, self.sparse_grad,

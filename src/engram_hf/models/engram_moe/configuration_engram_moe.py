@@ -37,6 +37,8 @@ class EngramMoEConfig(PreTrainedConfig):
             default: `pad_token_id`, else `eos_token_id`, else 0),
         compressed_vocab_size: number of canonical ids of the tokenizer-compression table
             (default `vocab_size`, i.e. the identity table).
+        engram_offload: where tables live at run time (None: model parameters; "cpu" / "disk": see
+            `from_pretrained(engram_offload=...)`). A runtime setting, never written to config.json.
     """
 
     model_type = "engram_moe"
@@ -78,6 +80,7 @@ class EngramMoEConfig(PreTrainedConfig):
         engram_seed: int = 0,
         engram_pad_id: int | None = None,
         compressed_vocab_size: int | None = None,
+        engram_offload: str | None = None,
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -127,6 +130,8 @@ class EngramMoEConfig(PreTrainedConfig):
             engram_pad_id = next((t for t in (pad_token_id, eos_token_id) if isinstance(t, int)), 0)
         self.engram_pad_id = engram_pad_id
         self.compressed_vocab_size = vocab_size if compressed_vocab_size is None else compressed_vocab_size
+        # Runtime placement of the tables (set by from_pretrained(engram_offload=...)); never saved.
+        self.engram_offload = engram_offload
         self.use_cache = use_cache
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
@@ -219,8 +224,15 @@ class EngramMoEConfig(PreTrainedConfig):
                 f"engram_n_embed_per_ngram ({self.engram_n_embed_per_ngram}) is not divisible by "
                 f"engram_n_head_per_ngram ({self.engram_n_head_per_ngram})."
             )
+        if self.engram_offload not in (None, "cpu", "disk"):
+            raise ValueError(f"engram_offload must be None, 'cpu' or 'disk', got {self.engram_offload!r}.")
         if not 0 <= self.engram_pad_id < self.vocab_size:
             raise ValueError(f"engram_pad_id ({self.engram_pad_id}) is outside the vocabulary [0, {self.vocab_size}).")
+
+    def to_dict(self):
+        out = super().to_dict()
+        out.pop("engram_offload", None)
+        return out
 
     @property
     def engram_embed_dim(self) -> int:

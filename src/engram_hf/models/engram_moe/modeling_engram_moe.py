@@ -297,6 +297,10 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Engram keeps per-layer conv and n-gram states in the cache, which assisted decoding cannot roll back.
     _is_stateful = True
+    # Resident tables may stay off accelerate's device map (transformers' escape hatch for huge
+    # embeddings); offloaded tables are no parameters at all, so their checkpoint keys are skipped.
+    _no_placement_params = ["engram.table.weight"]
+    _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -334,15 +338,58 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, EngramMoERotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq()[0])
 
+    def save_pretrained(self, *args, **kwargs):
+        if any(isinstance(m, EngramMemory) and m.offloaded for m in self.modules()):
+            raise ValueError(
+                "This model's Engram tables are offloaded (not parameters), so a checkpoint would lack them. "
+                "Reload it without engram_offload to save it."
+            )
+        return super().save_pretrained(*args, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, engram_offload=None, engram_cache_rows=0, **kwargs):
+        """transformers' ``from_pretrained`` plus where the Engram tables live:
+
+        * ``engram_offload=None``: tables are ordinary parameters (placed like any other).
+        * ``"cpu"``: tables in host RAM (page-locked when a GPU is present); each forward gathers the
+          rows it needs and copies only those to the compute device, prefetched in the background.
+        * ``"disk"``: tables stay in the checkpoint's safetensors files, memory-mapped and never read
+          whole; rows are read on demand. ``engram_cache_rows=N`` keeps up to N hot rows per table in
+          a cache (on the compute device for ``"cpu"``, in RAM for ``"disk"``).
+
+        Offloaded outputs are bit-identical to the resident model's. A table too large for its tier
+        fails here, before any of it is read.
+        """
+        from engram_hf.offload.loading import bind_offloaded_tables, check_table_memory, checkpoint_tables
+
+        if engram_offload is None:
+            # AutoModel* passes engram_offload through AutoConfig (it is a config field).
+            engram_offload = getattr(kwargs.get("config"), "engram_offload", None)
+        tables = checkpoint_tables(pretrained_model_name_or_path, **kwargs)
+        check_table_memory(tables, engram_offload, engram_cache_rows)
+        if engram_offload is not None:
+            config = kwargs.pop("config", None)
+            if config is None:
+                config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+            config.engram_offload = engram_offload
+            kwargs["config"] = config
+        elif engram_cache_rows:
+            raise ValueError("engram_cache_rows needs engram_offload='cpu' or 'disk'.")
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if engram_offload is not None:
+            bind_offloaded_tables(model, tables, engram_offload, engram_cache_rows)
+
         # Fail at load time, not at the first forward, if the stored compression table and the config
         # disagree on the number of canonical ids.
         for module in model.modules():
             if isinstance(module, TokenCompressor) and not module.lookup_table.is_meta:
                 module.validate()
         return model
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+    return {k: kwargs[k] for k in keys if k in kwargs}
 
 
 # ----------------------------------------------------------------------------- model
@@ -362,6 +409,10 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
     @property
     def engram_layers(self) -> dict[int, EngramMemory]:
         return {i: self.layers[i].engram for i in self.config.engram_layer_ids}
+
+    def engram_offload_stats(self) -> dict:
+        """Per offloaded Engram layer: tier, bytes, prefetched vs synchronous lookups, cache hit rate."""
+        return {i: e.table.stats() for i, e in self.engram_layers.items() if e.offloaded}
 
     def set_compression_table(self, table: torch.Tensor) -> None:
         """Install a tokenizer-compression table (see ``engram_hf.build_compression_table``)."""
@@ -425,6 +476,9 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
             token_mask = attention_mask[:, -T:]
         # Engram inputs first: this validates the ids before any lookup, and depends on nothing else.
         engram_inputs = self.engram_inputs(input_ids, token_mask, past_key_values) if input_ids is not None else None
+        if engram_inputs is not None and not self.engram_mask:
+            for engram in self.engram_layers.values():
+                engram.prefetch(engram_inputs)  # offloaded tables: rows arrive while earlier layers run
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
@@ -491,6 +545,9 @@ class EngramMoEForCausalLM(EngramMoEPreTrainedModel, GenerationMixin):
 
     def set_compression_table(self, table: torch.Tensor) -> None:
         self.model.set_compression_table(table)
+
+    def engram_offload_stats(self) -> dict:
+        return self.model.engram_offload_stats()
 
     @torch.no_grad()
     def update_router_biases(self) -> None:

@@ -1,0 +1,142 @@
+"""Where offloaded table rows live, and a hot-row cache in front of them.
+
+Row addresses depend only on token ids, so a store only ever serves "these rows, please": the host
+store indexes a tensor in RAM, the disk store a memory map of the tensor inside its safetensors
+file, which is never read whole (the OS pages in just the rows touched).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+import warnings
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def safetensors_header(path: str | Path) -> tuple[dict, int]:
+    """(header dict, byte offset of the data section) of a safetensors file, reading only the header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100 * 2**20:
+            raise ValueError(f"{path}: implausible safetensors header length {n}; is it a safetensors file?")
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+class RowStore:
+    """A 2-D table served by rows. ``gather(rows)`` takes unique int64 CPU row ids."""
+
+    tier = "resident"
+
+    def __init__(self, num_rows: int, dim: int, dtype: torch.dtype):
+        self.num_rows, self.dim, self.dtype = num_rows, dim, dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_rows * self.dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def gather(self, rows: torch.LongTensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HostRowStore(RowStore):
+    """The whole table in host RAM (page-locked when a GPU is present, for asynchronous copies)."""
+
+    tier = "cpu"
+
+    def __init__(self, table: torch.Tensor, pin: bool | None = None):
+        super().__init__(table.shape[0], table.shape[1], table.dtype)
+        pin = torch.cuda.is_available() if pin is None else pin
+        self.table = table.pin_memory() if pin and not table.is_pinned() else table
+
+    def gather(self, rows):
+        return self.table.index_select(0, rows)
+
+
+class DiskRowStore(RowStore):
+    """Rows read on demand from a tensor inside a safetensors file, through a read-only memory map."""
+
+    tier = "disk"
+
+    def __init__(self, path: str | Path, key: str):
+        header, data_start = safetensors_header(path)
+        if key not in header:
+            raise KeyError(f"{path} holds no tensor {key!r}.")
+        info = header[key]
+        if info["dtype"] not in _DTYPES or len(info["shape"]) != 2:
+            raise ValueError(f"{path}:{key} is {info['dtype']} {info['shape']}; a 2-D float table is expected.")
+        super().__init__(info["shape"][0], info["shape"][1], _DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        if end - begin != self.nbytes:
+            raise ValueError(f"{path}:{key}: {end - begin} bytes on disk for a {self.nbytes}-byte table (corrupt file?).")
+        self.path = str(path)
+        self._file = open(path, "rb")
+        self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        if hasattr(mmap, "MADV_RANDOM"):
+            # Rows are read at random: read-ahead would only pull in (and map) neighbours we never use.
+            self._map.madvise(mmap.MADV_RANDOM)
+        with warnings.catch_warnings():
+            # The map is read-only and never written through this tensor.
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(self._map, dtype=self.dtype, count=self.num_rows * self.dim, offset=data_start + begin)
+        self.table = flat.view(self.num_rows, self.dim)
+
+    def gather(self, rows):
+        return self.table.index_select(0, rows)
+
+
+class RowCache:
+    """Direct-mapped cache of hot rows in front of a slower store.
+
+    Row ``r`` may only live in slot ``r mod capacity``. Lookup and fill are a few vectorised tensor
+    ops, with no per-row Python. Zipf-distributed n-gram rows stay resident unless two hot rows
+    collide. ``hits`` and ``misses`` count row lookups.
+    """
+
+    def __init__(self, store: RowStore, capacity: int, device: torch.device | str = "cpu"):
+        if capacity <= 0:
+            raise ValueError(f"cache capacity must be positive, got {capacity}.")
+        self.store, self.capacity = store, capacity
+        self.tags = torch.full((capacity,), -1, dtype=torch.long, device=device)
+        self.data = torch.empty(capacity, store.dim, dtype=store.dtype, device=device)
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def gather(self, rows: torch.LongTensor) -> torch.Tensor:
+        """Unique rows (CPU int64) → their values, on the cache's device."""
+        device = self.data.device
+        slots = (rows % self.capacity).to(device)
+        hit = self.tags[slots] == rows.to(device)
+        out = torch.empty(rows.shape[0], self.store.dim, dtype=self.store.dtype, device=device)
+        out[hit] = self.data[slots[hit]]
+        miss = ~hit
+        n_miss = int(miss.sum())
+        if n_miss:
+            miss_rows = rows[miss.cpu()]
+            values = self.store.gather(miss_rows).to(device, non_blocking=True)
+            out[miss] = values
+            # Several missing rows may share a slot: install exactly one of them (the first), so a
+            # slot's tag and data always describe the same row.
+            s = slots[miss]
+            order = torch.argsort(s, stable=True)
+            first = torch.ones_like(order, dtype=torch.bool)
+            first[1:] = s[order][1:] != s[order][:-1]
+            keep = order[first]
+            self.tags[s[keep]] = miss_rows.to(device)[keep]
+            self.data[s[keep]] = values[keep]
+        self.hits += rows.shape[0] - n_miss
+        self.misses += n_miss
+        return out
+
+    def stats(self) -> dict:
+        return {"capacity": self.capacity, "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate}

@@ -1,0 +1,99 @@
+"""An Engram table that lives outside the model's parameters: in host RAM or on disk."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+from torch import nn
+
+from .stores import RowCache, RowStore
+
+# One background worker serves every offloaded table: gathers are memory-bound, and ordering
+# them keeps the disk access pattern sequential per forward.
+_EXECUTOR: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
+    return _EXECUTOR
+
+
+class OffloadedTable(nn.Module):
+    """Stands in for ``nn.Embedding`` when a table is offloaded: no parameters, rows from a store.
+
+    ``prefetch(rows)`` starts gathering the unique rows of a forward in the background (the model
+    calls it for every Engram layer at the top of its forward, since rows depend only on ids);
+    ``forward(rows)`` then waits for that result, or gathers synchronously if nothing matches.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, tier: str):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.tier = num_embeddings, embedding_dim, tier
+        self.store: RowStore | None = None
+        self.cache: RowCache | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor, Future] | None = None
+        self.prefetched = 0
+        self.synchronous = 0
+
+    def bind(self, store: RowStore, cache_rows: int = 0, cache_device="cpu") -> None:
+        if (store.num_rows, store.dim) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(
+                f"Stored table is {store.num_rows}x{store.dim}, the config expects "
+                f"{self.num_embeddings}x{self.embedding_dim}."
+            )
+        self.store = store
+        self.cache = RowCache(store, cache_rows, cache_device) if cache_rows else None
+
+    @property
+    def weight(self):
+        raise AttributeError(
+            f"This Engram table is offloaded ({self.tier}); it has no weight parameter. Reload the model "
+            "without engram_offload to train or save it."
+        )
+
+    def _fetch(self, unique: torch.LongTensor, device: torch.device) -> torch.Tensor:
+        if self.store is None:
+            raise RuntimeError("Offloaded Engram table has no store bound (load it with from_pretrained).")
+        unique = unique.cpu()
+        values = self.cache.gather(unique) if self.cache is not None else self.store.gather(unique)
+        if device.type == "cuda":
+            values = values.pin_memory() if not values.is_pinned() and values.device.type == "cpu" else values
+            stream = torch.cuda.Stream(device)
+            with torch.cuda.stream(stream):
+                values = values.to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+            return values, event
+        return values.to(device), None
+
+    def prefetch(self, rows: torch.LongTensor) -> None:
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        future = _executor().submit(self._fetch, unique, rows.device)
+        self._pending = (rows, inverse, future)
+
+    def forward(self, rows: torch.LongTensor) -> torch.Tensor:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] is rows:
+            _, inverse, future = pending
+            values, event = future.result()
+            self.prefetched += 1
+        else:
+            unique, inverse = torch.unique(rows, return_inverse=True)
+            values, event = self._fetch(unique, rows.device)
+            self.synchronous += 1
+        if event is not None:
+            torch.cuda.current_stream(rows.device).wait_event(event)
+        return values[inverse]
+
+    def stats(self) -> dict:
+        out = {"tier": self.tier, "rows": self.num_embeddings, "bytes": self.store.nbytes if self.store else None,
+               "prefetched_lookups": self.prefetched, "synchronous_lookups": self.synchronous}
+        if self.cache is not None:
+            out["cache"] = self.cache.stats()
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, tier={self.tier}"
