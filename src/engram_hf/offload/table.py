@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .stores import RowCache, RowStore
@@ -24,9 +25,11 @@ def _executor() -> ThreadPoolExecutor:
 class OffloadedTable(nn.Module):
     """Stands in for ``nn.Embedding`` when a table is offloaded: no parameters, rows from a store.
 
-    ``prefetch(rows)`` starts gathering the unique rows of a forward in the background (the model
-    calls it for every Engram layer at the top of its forward, since rows depend only on ids);
-    ``forward(rows)`` then waits for that result, or gathers synchronously if nothing matches.
+    With an accelerator, ``prefetch(rows)`` starts gathering the unique rows of a forward and
+    copying them to the device in the background (the model calls it for every Engram layer at the
+    top of its forward, since rows depend only on ids); ``forward(rows)`` then waits for that
+    result. On CPU compute there is nothing to transfer, so rows are gathered synchronously, straight
+    from the store or through the hot-row cache.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, tier: str):
@@ -69,7 +72,15 @@ class OffloadedTable(nn.Module):
             return values, event
         return values.to(device), None
 
+    @staticmethod
+    def background_fetch(device: torch.device) -> bool:
+        """Fetch rows in the background only when they must travel to an accelerator; on CPU
+        compute a background gather would only compete with the compute threads."""
+        return device.type != "cpu"
+
     def prefetch(self, rows: torch.LongTensor) -> None:
+        if not self.background_fetch(rows.device):
+            return
         unique, inverse = torch.unique(rows, return_inverse=True)
         future = _executor().submit(self._fetch, unique, rows.device)
         self._pending = (rows, inverse, future)
@@ -80,12 +91,18 @@ class OffloadedTable(nn.Module):
             _, inverse, future = pending
             values, event = future.result()
             self.prefetched += 1
+        elif rows.device.type == "cpu" and self.cache is None:
+            # CPU compute reading RAM or the page cache: gather straight from the store.
+            self.synchronous += 1
+            return F.embedding(rows, self.store.table)
         else:
             unique, inverse = torch.unique(rows, return_inverse=True)
             values, event = self._fetch(unique, rows.device)
             self.synchronous += 1
         if event is not None:
-            torch.cuda.current_stream(rows.device).wait_event(event)
+            stream = torch.cuda.current_stream(rows.device)
+            stream.wait_event(event)
+            values.record_stream(stream)  # allocated on the copy stream, consumed on this one
         return values[inverse]
 
     def stats(self) -> dict:
