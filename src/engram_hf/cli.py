@@ -27,6 +27,37 @@ def _demo(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    import json
+
+    from .training import TrainSpec, read_texts, run_training, texts_from_dataset
+
+    if bool(args.data) == bool(args.dataset):
+        print("engram-hf train: give exactly one of --data FILES/DIRS or --dataset NAME", file=sys.stderr)
+        return 2
+    texts = read_texts(args.data, args.text_field) if args.data else texts_from_dataset(args.dataset, args.text_field)
+    overrides = {}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    spec = TrainSpec(
+        out_dir=args.out, config=args.config, config_overrides=overrides, tokenizer=args.tokenizer,
+        bpe_vocab_size=args.vocab_size, steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
+        learning_rate=args.lr, table_lr=args.table_lr, table_optimizer=args.table_optimizer,
+        weight_decay=args.weight_decay, save_steps=args.save_steps, resume_from=args.resume,
+        gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, lora_r=args.lora_r,
+        lora_targets=tuple(args.lora_targets), seed=args.seed,
+    )
+    result = run_training(spec, texts)
+    print(f"model: {result['model_dir']}  held-out loss: {result['eval_loss_before']} -> {result['eval_loss_after']}")
+    if result["loss_curve"]:
+        print(f"loss curve: {result['loss_curve']}")
+    return 0
+
+
 def _inspect(args) -> int:
     import json
 
@@ -58,6 +89,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", default="Shall I compare thee")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    tr = sub.add_parser("train", help="train an EngramMoE with transformers.Trainer",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--config", default="tiny", help=f"a preset ({', '.join(sorted(PRESETS))}) or a JSON of config fields")
+    tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. hc_mult=2 engram_layer_ids=[1]")
+    tr.add_argument("--data", nargs="+", help=".txt/.jsonl files or directories of them")
+    tr.add_argument("--dataset", help="a datasets name or local dataset path (split 'train'), instead of --data")
+    tr.add_argument("--text-field", default="text", help="text field of .jsonl lines / dataset column")
+    tr.add_argument("--tokenizer", help="tokenizer directory (default: train a byte-level BPE on the data)")
+    tr.add_argument("--vocab-size", type=int, default=2048, help="BPE size when no --tokenizer is given")
+    tr.add_argument("--out", default="runs/train")
+    tr.add_argument("--steps", type=int, default=200)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--block-size", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument("--table-lr", type=float, help="Engram table learning rate (default 5 x --lr)")
+    tr.add_argument("--table-optimizer", choices=["adam", "adagrad", "dense"], default="adam",
+                    help="row-wise sparse Adam / row-wise Adagrad / plain AdamW on dense table gradients")
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
+    tr.add_argument("--resume", help="a checkpoint directory under OUT/checkpoints to resume from")
+    tr.add_argument("--gradient-checkpointing", action="store_true")
+    tr.add_argument("--bf16", action="store_true")
+    tr.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank instead of the full model")
+    tr.add_argument("--lora-targets", nargs="+", default=["attention", "experts"],
+                    help="groups (attention, experts, engram) or module names")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=_train)
 
     insp = sub.add_parser("inspect", help="print each Engram table's size and the expected memory per device")
     insp.add_argument("path", help="checkpoint directory")

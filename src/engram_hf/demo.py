@@ -4,19 +4,14 @@ atomic save → reload through AutoModelForCausalLM → checks → generation �
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM
 
 from .data import builtin_text
-from .memory import build_compression_table
-from .model_card import render_model_card
-from .models.engram_moe import EngramMoEForCausalLM
-from .presets import preset_config
-from .training import RouterBiasCallback, pack_texts, plot_loss_curve, train_bpe_tokenizer
-from .utils import atomic_write_dir, atomic_write_file
+from .training import TrainSpec, read_texts, run_training
+from .utils import atomic_write_file
 
 
 def run_demo(
@@ -32,91 +27,27 @@ def run_demo(
     prompt: str = "Shall I compare thee",
     seed: int = 0,
 ) -> dict:
-    out = Path(out_dir)
-    set_seed(seed)
-    texts = [Path(f).read_text(encoding="utf-8") for f in text_files] if text_files else [builtin_text()]
-
-    if tokenizer_path:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    else:
-        print(f"Training a byte-level BPE tokenizer ({vocab_size} tokens) on the text ...")
-        tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("The tokenizer needs an EOS token (it separates documents and pads).")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    table = build_compression_table(tokenizer)
-    compressed = int(table.max()) + 1
-    print(f"Compression table: {len(table)} ids -> {compressed} canonical ids ({compressed / len(table):.1%}).")
-
-    config = preset_config(
-        preset,
-        vocab_size=len(tokenizer),
-        compressed_vocab_size=compressed,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        engram_pad_id=tokenizer.eos_token_id,
+    texts = read_texts(text_files) if text_files else [builtin_text()]
+    spec = TrainSpec(
+        out_dir=str(out_dir), config=preset, tokenizer=tokenizer_path, bpe_vocab_size=vocab_size, steps=steps,
+        batch_size=batch_size, block_size=block_size, learning_rate=learning_rate, seed=seed,
     )
-    model = EngramMoEForCausalLM(config)
-    model.set_compression_table(table)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_table = sum(m.table.weight.numel() for m in model.model.engram_layers.values())
-    print(f"EngramMoE ({preset}): {n_params / 1e6:.2f}M parameters, of which Engram tables {n_table / 1e6:.2f}M.")
-
-    data = pack_texts(tokenizer, texts, block_size)
-    n_eval = max(1, len(data) // 20)
-    train_set = torch.utils.data.Subset(data, range(n_eval, len(data)))
-    eval_set = torch.utils.data.Subset(data, range(n_eval))
-    args = TrainingArguments(
-        output_dir=str(out / "trainer"),
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 10),
-        weight_decay=0.0,
-        logging_steps=max(1, steps // 20),
-        eval_strategy="steps",
-        eval_steps=max(1, steps // 6),
-        save_strategy="no",
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        seed=seed,
-        dataloader_num_workers=0,
+    result = run_training(spec, texts)
+    model, tokenizer = result["model"], result["tokenizer"]
+    print(
+        f"EngramMoE ({preset}): {result['parameters'] / 1e6:.2f}M parameters, of which Engram tables "
+        f"{result['engram_table_parameters'] / 1e6:.2f}M; vocabulary {result['vocab_size']}."
     )
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, callbacks=[RouterBiasCallback()]
-    )
-    eval_before = trainer.evaluate()["eval_loss"]
-    trainer.train()
-    eval_after = trainer.evaluate()["eval_loss"]
-    print(f"Held-out loss: {eval_before:.3f} -> {eval_after:.3f} nats/token (ppl {math.exp(eval_after):.1f}).")
+    print(f"Held-out loss: {result['eval_loss_before']:.3f} -> {result['eval_loss_after']:.3f} nats/token.")
 
-    model_dir = out / "model"
-
-    training_note = (
-        f"{steps} steps of AdamW (lr {learning_rate}, cosine) with `transformers.Trainer` on "
-        f"{'the built-in Sonnets' if not text_files else ', '.join(Path(f).name for f in text_files)}, "
-        f"blocks of {block_size} tokens, batch {batch_size}. Held-out loss {eval_before:.3f} -> {eval_after:.3f}."
-    )
-
-    def save(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        card = render_model_card(model, f"EngramMoE {preset} (engram-hf demo)", str(model_dir), training_note)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-
-    atomic_write_dir(model_dir, save)
-    reloaded = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(result["model_dir"]).eval()
     model.eval()
-    probe = data[0]["input_ids"][None]
+    probe = tokenizer(texts[0][:2000], return_tensors="pt")["input_ids"][:, :block_size]
     with torch.no_grad():
-        identical = torch.equal(model(probe).logits, reloaded(probe).logits)
-    if not identical:
-        raise RuntimeError("The reloaded model's logits differ from the trained model's.")
-
+        # Same weights in different allocations may take different BLAS paths: equal to fp32 rounding.
+        max_diff = (model(probe).logits - reloaded(probe).logits).abs().max().item()
+    if max_diff > 1e-5:
+        raise RuntimeError(f"The reloaded model's logits differ from the trained model's by {max_diff:.2e}.")
     prompt_ids = tokenizer(prompt, return_tensors="pt")
     gen = dict(max_new_tokens=40, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     with torch.no_grad():
@@ -125,27 +56,15 @@ def run_demo(
     if not torch.equal(cached, uncached):
         raise RuntimeError("Generation with the cache differs from generation without it.")
     text = tokenizer.decode(cached[0], skip_special_tokens=True)
-    print(f"Reloaded with AutoModelForCausalLM from {model_dir}: logits identical; cached == uncached generation.")
+    print(
+        f"Reloaded with AutoModelForCausalLM from {result['model_dir']}: logits equal (max diff {max_diff:.1e}); "
+        "cached == uncached generation."
+    )
     print(f"Greedy sample:\n  {text!r}")
+    if result["loss_curve"]:
+        print(f"Loss curve: {result['loss_curve']}")
 
-    history = [{"step": 0, "eval_loss": eval_before}, *trainer.state.log_history]
-    plot = plot_loss_curve(history, out / "loss_curve.png", title=f"EngramMoE {preset} demo")
-    summary = {
-        "preset": preset,
-        "parameters": n_params,
-        "engram_table_parameters": n_table,
-        "vocab_size": len(tokenizer),
-        "compressed_vocab_size": compressed,
-        "steps": steps,
-        "eval_loss_before": eval_before,
-        "eval_loss_after": eval_after,
-        "reload_logits_identical": identical,
-        "cached_generation_matches": True,
-        "sample": text,
-        "model_dir": str(model_dir),
-        "loss_curve": str(plot) if plot else None,
-    }
-    atomic_write_file(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
-    if plot:
-        print(f"Loss curve: {plot}")
+    summary = {k: v for k, v in result.items() if k not in ("trainer", "model", "tokenizer", "log_history")}
+    summary.update(preset=preset, steps=steps, reload_logits_max_diff=max_diff, cached_generation_matches=True, sample=text)
+    atomic_write_file(Path(out_dir) / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
     return summary

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
@@ -36,3 +38,43 @@ def pack_texts(tokenizer, texts: Iterable[str], block_size: int) -> PackedBlocks
         if eos is not None:
             ids.append(eos)
     return PackedBlocks(torch.tensor(ids, dtype=torch.long), block_size)
+
+
+def read_texts(paths: Iterable[str | Path], text_field: str = "text") -> list[str]:
+    """Documents from ``.txt`` files (one document each), ``.jsonl`` files (``text_field`` of each
+    line) and directories of those (recursively, in name order)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".jsonl")))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"No such file or directory: {p}")
+    texts = []
+    for f in files:
+        if f.suffix == ".jsonl":
+            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if text_field not in row:
+                        raise KeyError(f"{f}:{n} has no field {text_field!r}.")
+                    texts.append(row[text_field])
+        elif f.suffix == ".txt":
+            texts.append(f.read_text(encoding="utf-8"))
+        else:
+            raise ValueError(f"{f}: unsupported file type {f.suffix!r} (use .txt or .jsonl).")
+    if not texts:
+        raise ValueError(f"No text found in {list(map(str, paths))}.")
+    return texts
+
+
+def texts_from_dataset(dataset, text_field: str = "text") -> list[str]:
+    """Documents from a ``datasets.Dataset`` (or a name/path for ``datasets.load_dataset``, split 'train')."""
+    if isinstance(dataset, (str, Path)):
+        import datasets
+
+        dataset = datasets.load_dataset(str(dataset), split="train")
+    if text_field not in dataset.column_names:
+        raise KeyError(f"The dataset has no column {text_field!r}; columns: {dataset.column_names}.")
+    return list(dataset[text_field])
