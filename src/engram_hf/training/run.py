@@ -86,18 +86,25 @@ def build_model(spec: TrainSpec, tokenizer) -> EngramMoEForCausalLM:
     return model
 
 
-def run_training(spec: TrainSpec, texts: list[str], tokenizer=None, model=None) -> dict:
-    """Train on ``texts`` and write ``out_dir/{model, loss_curve.png, summary.json}``."""
+def run_training(spec: TrainSpec, texts: list[str], tokenizer=None, model=None, eval_texts: list[str] | None = None) -> dict:
+    """Train on ``texts`` and write ``out_dir/{model, loss_curve.png, summary.json}``.
+
+    Held-out loss is measured on ``eval_texts`` if given, else on the first ``eval_fraction`` of
+    the packed blocks (which are then not trained on).
+    """
     out = Path(spec.out_dir)
     set_seed(spec.seed)
     tokenizer = tokenizer or prepare_tokenizer(spec, texts)
     model = model or build_model(spec, tokenizer)
     data = pack_texts(tokenizer, texts, spec.block_size)
-    n_eval = max(1, int(len(data) * spec.eval_fraction)) if spec.eval_fraction > 0 else 0
-    if len(data) - n_eval < 1:
-        raise ValueError(f"Only {len(data)} blocks of {spec.block_size} tokens: not enough text to train on.")
-    eval_set = torch.utils.data.Subset(data, range(n_eval)) if n_eval else None
-    train_set = torch.utils.data.Subset(data, range(n_eval, len(data)))
+    if eval_texts is not None:
+        eval_set, train_set = pack_texts(tokenizer, eval_texts, spec.block_size), data
+    else:
+        n_eval = max(1, int(len(data) * spec.eval_fraction)) if spec.eval_fraction > 0 else 0
+        if len(data) - n_eval < 1:
+            raise ValueError(f"Only {len(data)} blocks of {spec.block_size} tokens: not enough text to train on.")
+        eval_set = torch.utils.data.Subset(data, range(n_eval)) if n_eval else None
+        train_set = torch.utils.data.Subset(data, range(n_eval, len(data)))
 
     base_model = model
     if spec.lora_r:
