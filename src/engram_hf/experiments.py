@@ -71,14 +71,14 @@ def split_corpus(texts: list[str], eval_fraction: float = 0.05) -> tuple[list[st
     """Held-out documents from the end of the corpus (whole documents, never seen in training)."""
     total = sum(map(len, texts))
     eval_docs, size = [], 0
-    for t in reversed(texts):
+    for t in reversed(texts[1:]):  # the first document always stays for training
         if size >= eval_fraction * total and eval_docs:
             break
         eval_docs.append(t)
         size += len(t)
+    if not eval_docs:
+        raise ValueError("The corpus needs at least two documents (the last ones are held out).")
     train = texts[: len(texts) - len(eval_docs)]
-    if not train:
-        raise ValueError("The corpus needs at least two documents (one is held out).")
     return train, eval_docs[::-1]
 
 
