@@ -365,8 +365,15 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         if engram_offload is None:
             # AutoModel* passes engram_offload through AutoConfig (it is a config field).
             engram_offload = getattr(kwargs.get("config"), "engram_offload", None)
-        tables = checkpoint_tables(pretrained_model_name_or_path, **kwargs)
-        check_table_memory(tables, engram_offload, engram_cache_rows)
+        try:
+            tables = checkpoint_tables(pretrained_model_name_or_path, **kwargs)
+        except OSError:
+            if engram_offload is not None:
+                raise
+            tables = {}  # let transformers resolve (and report on) the checkpoint itself
+        if engram_offload is not None or kwargs.get("device_map") in (None, "cpu"):
+            # Resident tables placed on an accelerator are accelerate's to budget, not host RAM's.
+            check_table_memory(tables, engram_offload, engram_cache_rows)
         if engram_offload is not None:
             config = kwargs.pop("config", None)
             if config is None:
