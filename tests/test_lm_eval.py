@@ -1,0 +1,68 @@
+"""lm-eval (HFLM) runs EngramMoE, resident and with disk-offloaded tables, with identical results."""
+
+import json
+import os
+
+import pytest
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from conftest import GPT2_DIR, tiny_model  # noqa: E402
+
+QUESTIONS = [
+    ("The capital of France is", ["Paris", "Rome", "Berlin", "Madrid"], 0),
+    ("Two plus two equals", ["three", "four", "five", "six"], 1),
+    ("The colour of the sky is", ["green", "red", "blue", "black"], 2),
+    ("Shakespeare wrote", ["Hamlet", "Faust", "Ulysses", "Dracula"], 0),
+]
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    data = d / "mc.jsonl"
+    data.write_text("\n".join(json.dumps({"question": q, "choices": c, "answer": a}) for q, c, a in QUESTIONS))
+    (d / "engram_tiny_mc.yaml").write_text(
+        "task: engram_tiny_mc\n"
+        "dataset_path: json\n"
+        "dataset_name: null\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n"
+    )
+    return d
+
+
+def _evaluate(model, tokenizer, task_dir):
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
+    out = lm_eval.simple_evaluate(
+        model=lm, tasks=["engram_tiny_mc"], task_manager=TaskManager(include_path=str(task_dir)), log_samples=True
+    )
+    samples = out["samples"]["engram_tiny_mc"]
+    return out["results"]["engram_tiny_mc"]["acc,none"], [s["resps"] for s in samples]
+
+
+def test_lm_eval_resident_and_disk_offloaded_agree(task_dir, tmp_path, monkeypatch):
+    if not GPT2_DIR.is_dir():
+        pytest.skip("GPT-2 tokenizer not available")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(GPT2_DIR))
+    tiny_model(vocab_size=len(tok), pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+               bos_token_id=tok.eos_token_id).save_pretrained(tmp_path / "m")
+    resident = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", engram_offload="disk", engram_cache_rows=256).eval()
+    acc_r, resps_r = _evaluate(resident, tok, task_dir)
+    acc_o, resps_o = _evaluate(offloaded, tok, task_dir)
+    assert 0.0 <= acc_r <= 1.0
+    assert acc_o == acc_r and resps_o == resps_r
+    assert all(s["synchronous_lookups"] > 0 for s in offloaded.engram_offload_stats().values())
