@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 CONV_STATE = 0
-TOKEN_STATE = 1
-NUM_STATES = 2
+TOKEN_STATE = 1  # EngramMoEConfig.number_of_conv_states covers both
 
 
 @dataclass
