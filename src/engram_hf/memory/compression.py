@@ -124,7 +124,7 @@ class TokenCompressor(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}.")
         if input_ids.numel() > 0:
-            lo, hi = int(input_ids.min()), int(input_ids.max())
+            lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync, not two
             if lo < 0 or hi >= self.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"input_ids contains {bad}, outside the vocabulary [0, {self.vocab_size}).")
