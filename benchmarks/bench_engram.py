@@ -31,8 +31,9 @@ import time
 import numpy as np
 import torch
 
-from engram_hf import EngramMemory, EngramMoEConfig
-from engram_hf.memory.cache import EngramInputs
+from engram_hf import EngramMemory, EngramMoEConfig, HashContract
+from engram_hf.memory import TokenCompressor
+from engram_hf.memory.cache import engram_inputs
 from engram_hf.optim import set_sparse_table_grads
 from engram_hf.testing import ReferenceEngram
 
@@ -100,14 +101,18 @@ def engram_config(args, rows):
 class Ours:
     def __init__(self, args, rows, device):
         self.config = engram_config(args, rows)
-        self.layer = EngramMemory(self.config, 1).to(device)
+        self.layer = EngramMemory(self.config, HashContract.from_config(self.config).layer(1)).to(device)
         _randomize(self.layer)
         set_sparse_table_grads(self.layer, True)
-        self.rows = self.layer.table.num_embeddings
-        self.lut = torch.arange(self.config.vocab_size, device=device)
+        self.rows = self.layer.num_table_rows
+        # The production path: compression (identity table here), then the cache-aware builder.
+        self.compressor = TokenCompressor(self.config.vocab_size, self.config.vocab_size, self.config.engram_pad_id)
+        self.compressor.set_table(torch.arange(self.config.vocab_size))
+        self.compressor.to(device)
 
     def inputs(self, ids, cache=None):
-        return EngramInputs.build(ids, self.lut, self.lut[self.config.engram_pad_id], 2, None, cache, 1)
+        canonical, pad = self.compressor(ids)
+        return engram_inputs(canonical, pad, 2, None, cache, 1)
 
     def forward(self, hidden, ids):
         return self.layer(hidden, self.inputs(ids))
@@ -116,9 +121,18 @@ class Ours:
 class Reference:
     def __init__(self, args, rows, device):
         self.layer = ReferenceEngram(
-            layer_id=1, layer_ids=[1], engram_vocab_size=[rows, rows], max_ngram_size=3,
-            n_embed_per_ngram=args.embed, n_head_per_ngram=args.heads, hidden_size=args.hidden,
-            hc_mult=args.hc_mult, kernel_size=4, seed=0, lookup_table=np.arange(50257), pad_id=50256,
+            layer_id=1,
+            layer_ids=[1],
+            engram_vocab_size=[rows, rows],
+            max_ngram_size=3,
+            n_embed_per_ngram=args.embed,
+            n_head_per_ngram=args.heads,
+            hidden_size=args.hidden,
+            hc_mult=args.hc_mult,
+            kernel_size=4,
+            seed=0,
+            lookup_table=np.arange(50257),
+            pad_id=50256,
         ).to(device)
         _randomize(self.layer)
         self.rows = self.layer.multi_head_embedding.embedding.num_embeddings
@@ -133,9 +147,17 @@ class PLE:
         from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextPLELayer
 
         self.config = Qwen4ExpTextConfig(
-            hidden_size=args.hidden, hc_count=args.hc_mult, num_hidden_layers=1, layer_types=["linear_attention"],
-            ple_layer_ids=[1], ple_embed_dim=2 * args.embed, ngram_size=3, heads_per_ngram=args.heads,
-            ngram_vocab_size_base=rows, vocab_size=50257, eos_token_id=50256,
+            hidden_size=args.hidden,
+            hc_count=args.hc_mult,
+            num_hidden_layers=1,
+            layer_types=["linear_attention"],
+            ple_layer_ids=[1],
+            ple_embed_dim=2 * args.embed,
+            ngram_size=3,
+            heads_per_ngram=args.heads,
+            ngram_vocab_size_base=rows,
+            vocab_size=50257,
+            eos_token_id=50256,
         )
         self.layer = Qwen4ExpTextPLELayer(self.config, 0, 0).to(device)
         _randomize(self.layer)
@@ -185,9 +207,9 @@ def bench_layers(args, device, hidden, ids):
             # Each timed call follows an untimed one of the same kind, so it does not pay for what the
             # previous layer left behind (e.g. unmapping a table-sized dense gradient).
             fwd(layer)
-            times[name]["fwd"].append(timed(lambda: fwd(layer), device))
+            times[name]["fwd"].append(timed(lambda layer=layer: fwd(layer), device))
             fwd_bwd(layer)
-            times[name]["fwd_bwd"].append(timed(lambda: fwd_bwd(layer), device))
+            times[name]["fwd_bwd"].append(timed(lambda layer=layer: fwd_bwd(layer), device))
     result = {
         name: {
             "table_rows": layer.rows,
@@ -211,12 +233,17 @@ def bench_gather(ours: Ours, device, ids, repeats):
         dst = torch.empty_like(out)
         gather, copy = [], []
         for inputs in batches:
-            gather.append(timed(lambda: layer.lookup(inputs), device))
+            gather.append(timed(lambda inputs=inputs: layer.lookup(inputs), device))
             copy.append(timed(lambda: dst.copy_(src), device))
     nbytes = out.numel() * out.element_size()
     g, c = statistics.median(gather), statistics.median(copy)
     # Bandwidth counts bytes moved: read + write for both.
-    return {"bytes": nbytes, "gather_GBps": 2 * nbytes / g / 1e9, "copy_GBps": 2 * nbytes / c / 1e9, "fraction_of_copy": c / g}
+    return {
+        "bytes": nbytes,
+        "gather_GBps": 2 * nbytes / g / 1e9,
+        "copy_GBps": 2 * nbytes / c / 1e9,
+        "fraction_of_copy": c / g,
+    }
 
 
 def bench_gemm_floor(ours: Ours, device, hidden, ids, repeats):
@@ -248,7 +275,7 @@ def bench_decode(layers, args, device):
                 step = _decode_step(name, wrapper, cache)
                 step(hidden[:, :ctx], ids[:, :ctx])
                 times = [
-                    timed(lambda: step(hidden[:, t : t + 1], ids[:, t : t + 1]), device)
+                    timed(lambda t=t, step=step, h=hidden, x=ids: step(h[:, t : t + 1], x[:, t : t + 1]), device)
                     for t in range(ctx, ctx + args.decode_steps)
                 ]
             out[name][str(ctx)] = statistics.median(times) * 1e6
@@ -258,6 +285,7 @@ def bench_decode(layers, args, device):
 def _decode_step(name, wrapper, cache):
     if name == "ple":
         return lambda h, ids: wrapper.forward(h, ids, cache)
+
     def step(h, ids):
         return wrapper.layer(h, wrapper.inputs(ids, cache), cache)
 
@@ -280,7 +308,9 @@ def main(argv=None):
             "threads": args.threads,
             "python": sys.version.split()[0],
         },
-        "setting": {k: getattr(args, k) for k in ("rows", "small_rows", "hidden", "hc_mult", "heads", "embed", "batch", "seq")},
+        "setting": {
+            k: getattr(args, k) for k in ("rows", "small_rows", "hidden", "hc_mult", "heads", "embed", "batch", "seq")
+        },
         "layers": results,
         "ratios": {},
     }
@@ -312,11 +342,14 @@ def main(argv=None):
     for k, v in report["ratios"].items():
         print(f"{k:<28} {v:6.2f}x")
     f = report["gemm_floor"]
-    print(f"key+value projections alone: {f['projections_ms']:.1f} ms per forward; the rest: "
-          + ", ".join(f"{n} {ms:.1f} ms" for n, ms in f["non_gemm_ms"].items()))
+    print(
+        f"key+value projections alone: {f['projections_ms']:.1f} ms per forward; the rest: "
+        + ", ".join(f"{n} {ms:.1f} ms" for n, ms in f["non_gemm_ms"].items())
+    )
     if "gather" in report:
         g = report["gather"]
-        print(f"gather {g['gather_GBps']:.1f} GB/s vs copy {g['copy_GBps']:.1f} GB/s -> {g['fraction_of_copy']:.2f} of copy")
+        print(f"gather {g['gather_GBps']:.1f} GB/s vs copy {g['copy_GBps']:.1f} GB/s", end=" ")
+        print(f"-> {g['fraction_of_copy']:.2f} of copy")
     if "decode_us_per_step" in report:
         for name, d in report["decode_us_per_step"].items():
             print(f"decode {name:<5} " + "  ".join(f"ctx {c}: {us:,.0f} us" for c, us in d.items()))

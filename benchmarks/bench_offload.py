@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from engram_hf import EngramMoEConfig, EngramMoEForCausalLM, build_compression_table
+from engram_hf import EngramMoEConfig, EngramMoEForCausalLM, build_compression_table, compressed_vocab_size
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -58,15 +58,27 @@ def text_batches(tokenizer, corpus: Path, batch, seq, n):
 def build_checkpoint(path: Path, tokenizer, rows: int) -> int:
     table = build_compression_table(tokenizer, progress=False)
     config = EngramMoEConfig(
-        vocab_size=len(tokenizer), compressed_vocab_size=int(table.max()) + 1, hidden_size=256, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, intermediate_size=512, n_routed_experts=4, moe_intermediate_size=128,
-        hc_mult=2, engram_layer_ids=[1, 2], engram_vocab_size=[rows, rows], engram_n_head_per_ngram=8,
-        engram_n_embed_per_ngram=512, eos_token_id=tokenizer.eos_token_id, engram_pad_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        compressed_vocab_size=compressed_vocab_size(table),
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        n_routed_experts=4,
+        moe_intermediate_size=128,
+        hc_mult=2,
+        engram_layer_ids=[1, 2],
+        engram_vocab_size=[rows, rows],
+        engram_n_head_per_ngram=8,
+        engram_n_embed_per_ngram=512,
+        eos_token_id=tokenizer.eos_token_id,
+        engram_pad_id=tokenizer.eos_token_id,
     )
     model = EngramMoEForCausalLM(config)
     model.set_compression_table(table)
     model.save_pretrained(path)
-    n = sum(e.table.weight.numel() * 4 for e in model.model.engram_layers.values())
+    n = model.engram_table_parameters() * 4
     del model
     gc.collect()
     return n
@@ -82,8 +94,13 @@ def measure(model, batches, decode_tokens):
             fwd.append(time.perf_counter() - t)
         prompt = batches[0][:1, :32]
         t = time.perf_counter()
-        model.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens, do_sample=False,
-                       pad_token_id=model.config.eos_token_id)
+        model.generate(
+            prompt,
+            max_new_tokens=decode_tokens,
+            min_new_tokens=decode_tokens,
+            do_sample=False,
+            pad_token_id=model.config.eos_token_id,
+        )
         dec = time.perf_counter() - t
     tokens = batches[0].numel()
     return {"fwd_tok_s": tokens / statistics.median(fwd), "decode_tok_s": decode_tokens / dec}
@@ -116,8 +133,12 @@ def main(argv=None):
         r["fwd_vs_resident"] = r["fwd_tok_s"] / base["fwd_tok_s"]
         r["decode_vs_resident"] = r["decode_tok_s"] / base["decode_tok_s"]
     report = {
-        "machine": {"torch": torch.__version__, "threads": args.threads, "python": sys.version.split()[0],
-                    "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "machine": {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "python": sys.version.split()[0],
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+        },
         "setting": {"table_bytes": table_bytes, "batch": args.batch, "seq": args.seq, "rows_base": args.rows},
         "tiers": results,
     }
@@ -128,8 +149,10 @@ def main(argv=None):
     print(f"{'tier':<18} {'fwd tok/s':>10} {'vs res.':>8} {'decode tok/s':>13} {'vs res.':>8} {'hit rate':>9}")
     for name, r in results.items():
         hr = f"{r['cache_hit_rate']:.1%}" if "cache_hit_rate" in r else "-"
-        print(f"{name:<18} {r['fwd_tok_s']:>10,.0f} {r['fwd_vs_resident']:>8.3f} {r['decode_tok_s']:>13,.1f} "
-              f"{r['decode_vs_resident']:>8.3f} {hr:>9}")
+        print(
+            f"{name:<18} {r['fwd_tok_s']:>10,.0f} {r['fwd_vs_resident']:>8.3f} {r['decode_tok_s']:>13,.1f} "
+            f"{r['decode_vs_resident']:>8.3f} {hr:>9}"
+        )
     return report
 
 

@@ -1,3 +1,5 @@
+"""Shared fixtures and helpers. Tests import helpers from here only, never from each other."""
+
 import os
 from pathlib import Path
 
@@ -10,12 +12,24 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import engram_hf  # noqa: F401  (registers the Auto classes)
+import engram_hf  # noqa: E402,F401  (registers the Auto classes)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ENGRAM_HF_SHARED_DIR", REPO.parent / "shared"))
 GOLDEN_DIR = Path(os.environ.get("ENGRAM_HF_GOLDEN_DIR", SHARED / "golden"))
 GPT2_DIR = SHARED / "data" / "tokenizers" / "gpt2"
+SHAKESPEARE = SHARED / "data" / "corpus" / "shakespeare"
+SHARED_HINT = (
+    "The reference data lives in the shared/ folder beside this checkout (the project's steering "
+    "repository); point ENGRAM_HF_SHARED_DIR (or ENGRAM_HF_GOLDEN_DIR for the golden vectors) at a copy."
+)
+
+
+def need_shared(path: Path, what: str) -> Path:
+    """Skip the calling test, saying where to get the data, when a shared reference file is missing."""
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path}. {SHARED_HINT}")
+    return path
 
 
 def tiny_config(**overrides):
@@ -47,7 +61,9 @@ def tiny_config(**overrides):
     return EngramMoEConfig(**kwargs)
 
 
-def tiny_model(seed=0, **overrides):
+def tiny_model(seed=0, sharp=False, **overrides):
+    """A tiny EngramMoE. ``sharp=True`` scales the LM head so the greedy choice wins by a wide margin
+    at every step: equality tests of generated tokens then cannot flip on float rounding."""
     from engram_hf import EngramMoEForCausalLM
 
     torch.manual_seed(seed)
@@ -58,13 +74,78 @@ def tiny_model(seed=0, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("conv.weight") or "_hc." in name:
                 p.add_(torch.randn_like(p) * 0.3)
+        if sharp:
+            model.lm_head.weight.mul_(40.0)
     return model
+
+
+def random_ids(b, t, seed=1, vocab=97, low=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(low, vocab, (b, t), generator=g)
+
+
+@torch.no_grad()
+def greedy_by_recompute(model, ids, new_tokens, attention_mask=None):
+    """Greedy decoding written independently of ``generate`` and of any cache: every step runs the
+    full forward over the whole sequence and takes the argmax of the last position."""
+    ids = ids.clone()
+    mask = attention_mask.clone() if attention_mask is not None else None
+    for _ in range(new_tokens):
+        logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        nxt = logits.argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return ids
+
+
+def corpus_blocks(vocab=97, block=32, n_tokens=4096):
+    """Real text (Shakespeare's sonnets) as bytes folded into the tiny vocab: learnable structure.
+
+    Falls back to a repeated sentence without the shared corpus, so tests that only need some
+    learnable text still run."""
+    from engram_hf.training import PackedBlocks
+
+    path = SHAKESPEARE / "sonnets_gut.txt"
+    data = path.read_bytes()[:n_tokens] if path.exists() else (b"the quick brown fox jumps over the lazy dog " * 100)
+    ids = torch.tensor([2 + b % (vocab - 2) for b in data], dtype=torch.long)
+    return PackedBlocks(ids, block)
+
+
+def cpu_training_args(output_dir, steps, **overrides):
+    """TrainingArguments for the short CPU runs of the tests."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def engram_inputs_for(ids, lookup_table, pad_id, n_ctx, mask=None):
+    """EngramInputs built by the production path (compressor, then the cache-aware builder)."""
+    from engram_hf.memory import TokenCompressor, compressed_vocab_size
+    from engram_hf.memory.cache import engram_inputs
+
+    table = torch.as_tensor(lookup_table)
+    compressor = TokenCompressor(len(table), compressed_vocab_size(table), int(pad_id))
+    compressor.set_table(table)
+    canonical, pad = compressor(ids, mask)
+    return engram_inputs(canonical, pad, n_ctx, mask)
 
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    if not GPT2_DIR.is_dir():
-        pytest.skip(f"GPT-2 tokenizer not found at {GPT2_DIR}")
+    need_shared(GPT2_DIR, "The GPT-2 tokenizer")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(GPT2_DIR))

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from engram_hf.ops import use_backend
+from engram_hf.ops import ConvParams, EngramInputs, HashParams, NormParams, use_backend
 from engram_hf.ops.gate import naive as gate_naive
 from engram_hf.ops.hash_gather import naive as hg_naive
 from engram_hf.ops.short_conv import naive as conv_naive
@@ -23,34 +23,38 @@ from engram_hf.ops.gate.triton import GateFunction  # noqa: E402
 from engram_hf.ops.hash_gather.triton import HashGatherFunction, table_grad_rows  # noqa: E402
 from engram_hf.ops.short_conv import triton as conv_triton  # noqa: E402
 
+from conftest import tiny_model  # noqa: E402
+
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
-def _hash_case(B=2, T=7, N=3, K=2, D=8, vocab=50, compressed=31, masked=True, seed=0):
+def _hash_case(B=2, T=7, N=3, K=2, D=8, compressed=31, masked=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    lut = torch.randint(0, compressed, (vocab,), generator=g)
-    ids = torch.randint(0, vocab, (B, T), generator=g)
+    ids = torch.randint(0, compressed, (B, T), generator=g)
     prefix = torch.randint(0, compressed, (B, N - 1), generator=g)
     mask = (torch.rand(B, T, generator=g) > 0.3).long() if masked else None
     pad = torch.tensor(compressed - 1)
+    if mask is not None:
+        ids = torch.where(mask.bool(), ids, pad)  # as the compressor hands them over
     mult = torch.randint(0, 2**40, (N,), generator=g) * 2 + 1
     primes = torch.tensor([11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53][: (N - 1) * K])
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), primes.cumsum(0)[:-1]])
     weight = torch.randn(int(primes.sum()), D, generator=g)
     to = lambda t: t.to(DEVICE) if t is not None else None  # noqa: E731
-    return [to(t) for t in (ids, lut, prefix, mask, pad, mult, primes, offsets, weight)]
+    inputs = EngramInputs(ids=to(ids), prefix=to(prefix), pad=to(pad), mask=to(mask))
+    return inputs, HashParams(to(mult), to(primes), to(offsets)), to(weight)
 
 
 @pytest.mark.parametrize("N,K,masked", [(2, 1, False), (3, 2, True), (4, 3, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sparse", [False, True])
 def test_hash_gather_matches_twin(N, K, masked, dtype, sparse):
-    ids, lut, prefix, mask, pad, mult, primes, offsets, weight = _hash_case(N=N, K=K, masked=masked)
+    inputs, hashing, weight = _hash_case(N=N, K=K, masked=masked)
     weight = weight.to(dtype)
     w1 = weight.clone().requires_grad_()
     w2 = weight.clone().requires_grad_()
-    e1, rows1 = hg_naive.hash_gather(ids, lut, prefix, mask, pad, mult, primes, offsets, w1, sparse)
-    e2, rows2 = HashGatherFunction.apply(w2, ids, lut, prefix, mask, pad, mult, primes, offsets, sparse)
+    e1, rows1 = hg_naive.hash_gather(inputs, hashing, w1, sparse)
+    e2, rows2 = HashGatherFunction.apply(w2, inputs, hashing, sparse)
     assert torch.equal(rows1, rows2), "hash ids must match exactly"
     assert torch.equal(e1, e2), "the gather is a copy: bit-exact"
     grad = torch.randn(e1.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
@@ -75,12 +79,15 @@ def test_gate_matches_twin(M, D, dtype):
     B, T = 2, 5
     make = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype).requires_grad_()  # noqa: E731
     key, hidden, value = make(B, T, M, D), make(B, T, M, D), make(B, T, D)
-    wk, wq = (torch.rand(M, D, generator=g) + 0.5).to(DEVICE, dtype), (torch.rand(M, D, generator=g) + 0.5).to(DEVICE, dtype)
+    wk, wq = (
+        (torch.rand(M, D, generator=g) + 0.5).to(DEVICE, dtype),
+        (torch.rand(M, D, generator=g) + 0.5).to(DEVICE, dtype),
+    )
     wk.requires_grad_(), wq.requires_grad_()
     args = [key, hidden, value, wk, wq]
     twin = [a.detach().clone().requires_grad_() for a in args]
     out_k = GateFunction.apply(*args, None, 1e-6)
-    out_t = gate_naive.gate_value(*twin, None, 1e-6)
+    out_t = gate_naive.gate_value(*twin[:3], NormParams(twin[3], None), NormParams(twin[4], 1e-6))
     torch.testing.assert_close(out_k, out_t, **TOL[dtype])
     grad = torch.randn(out_k.shape, generator=g).to(DEVICE, dtype)
     out_k.backward(grad)
@@ -103,7 +110,7 @@ def test_short_conv_matches_twin(M, D, K, dil, T, with_state, masked, dtype):
     mask = (torch.rand(B, T, generator=g) > 0.3).long().to(DEVICE) if masked else None
     twin = [t.detach().clone().requires_grad_() for t in (x, nw, cw)]
     y_k, s_k = conv_triton.ShortConvFunction.apply(x, nw, cw, dil, 1e-5, mask, state)
-    y_t, s_t = conv_naive.short_conv(*twin[:2], twin[2], dil, 1e-5, mask, state)
+    y_t, s_t = conv_naive.short_conv(twin[0], ConvParams(NormParams(twin[1], 1e-5), twin[2], dil), mask, state)
     torch.testing.assert_close(y_k, y_t, **TOL[dtype])
     torch.testing.assert_close(s_k, s_t, **TOL[dtype])
     grad = torch.randn(y_k.shape, generator=g).to(DEVICE, dtype)
@@ -123,16 +130,15 @@ def test_short_conv_decode_step_matches_twin_and_shifts_state(M, D, K, dil):
     s_t = s_k.clone()
     for _ in range(4):
         x = torch.randn(B, 1, M, D, generator=g).to(DEVICE)
-        y_k = conv_triton.short_conv_step(x, nw, cw, dil, 1e-5, s_k)
-        y_t = conv_naive.short_conv_step(x, nw, cw, dil, 1e-5, s_t)
+        conv = ConvParams(NormParams(nw, 1e-5), cw, dil)
+        y_k = conv_triton.short_conv_step(x, conv, None, s_k)
+        y_t = conv_naive.short_conv_step(x, conv, None, s_t)
         torch.testing.assert_close(y_k, y_t, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(s_k, s_t, rtol=1e-5, atol=1e-5)
 
 
 def test_model_under_triton_backend_matches_torch_backend_and_caches():
     from transformers import DynamicCache
-
-    from conftest import tiny_model
 
     m = tiny_model()
     ids = torch.randint(2, 97, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -144,17 +150,15 @@ def test_model_under_triton_backend_matches_torch_backend_and_caches():
         with use_backend("triton"):
             out = m(ids, attention_mask=mask).logits
             cache = DynamicCache(config=m.config)
-            steps = [m(ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache).logits]
+            steps = [m(ids[:, :4], attention_mask=mask[:, :4], cache=cache).logits]
             for t in range(4, 11):
-                steps.append(m(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits)
+                steps.append(m(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], cache=cache).logits)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(steps, 1)[1, 3:], ref[1, 3:], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(steps, 1)[0], ref[0], rtol=1e-5, atol=1e-5)
 
 
 def test_model_gradients_under_triton_backend():
-    from conftest import tiny_model
-
     a, b = tiny_model(), tiny_model()
     ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     with use_backend("torch"):

@@ -1,7 +1,6 @@
 """lm-eval (HFLM) runs EngramMoE, resident and with disk-offloaded tables, with identical results."""
 
 import json
-import os
 
 import pytest
 
@@ -57,10 +56,13 @@ def test_lm_eval_resident_and_disk_offloaded_agree(task_dir, tmp_path, monkeypat
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(GPT2_DIR))
-    tiny_model(vocab_size=len(tok), pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
-               bos_token_id=tok.eos_token_id).save_pretrained(tmp_path / "m")
+    tiny_model(
+        vocab_size=len(tok), pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id
+    ).save_pretrained(tmp_path / "m")
     resident = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m", engram_offload="disk", engram_cache_rows=256).eval()
+    offloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", engram_offload="disk", engram_cache_rows=256
+    ).eval()
     acc_r, resps_r = _evaluate(resident, tok, task_dir)
     acc_o, resps_o = _evaluate(offloaded, tok, task_dir)
     assert 0.0 <= acc_r <= 1.0

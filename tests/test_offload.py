@@ -7,7 +7,6 @@ import struct
 import psutil
 import pytest
 import torch
-from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 import engram_hf.offload.loading as loading
@@ -16,8 +15,13 @@ from engram_hf.cli import main as cli_main
 
 from conftest import tiny_config, tiny_model
 
-TIERS = [dict(), dict(engram_offload="cpu"), dict(engram_offload="disk"),
-         dict(engram_offload="disk", engram_cache_rows=64), dict(engram_offload="cpu", engram_cache_rows=16)]
+TIERS = [
+    dict(),
+    dict(engram_offload="cpu"),
+    dict(engram_offload="disk"),
+    dict(engram_offload="disk", engram_cache_rows=64),
+    dict(engram_offload="cpu", engram_cache_rows=16),
+]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,9 @@ def test_tiers_are_bit_identical(ckpt, kwargs):
     with torch.no_grad():
         for _ in range(2):  # twice, so that a cache serves hits the second time
             assert torch.equal(model(ids, attention_mask=mask).logits, resident(ids, attention_mask=mask).logits)
-        assert torch.equal(model.generate(ids, attention_mask=mask, **gen), resident.generate(ids, attention_mask=mask, **gen))
+        assert torch.equal(
+            model.generate(ids, attention_mask=mask, **gen), resident.generate(ids, attention_mask=mask, **gen)
+        )
     stats = model.engram_offload_stats()
     if not kwargs:
         assert stats == {}
@@ -85,11 +91,18 @@ def test_offloaded_model_has_no_table_parameters_and_refuses_to_save(ckpt, tmp_p
         m.save_pretrained(tmp_path / "x")
 
 
-def test_bad_offload_arguments(ckpt):
-    with pytest.raises(ValueError, match="engram_offload must be"):
-        EngramMoEForCausalLM.from_pretrained(ckpt, engram_offload="gpu")
-    with pytest.raises(ValueError, match="needs engram_offload"):
-        EngramMoEForCausalLM.from_pretrained(ckpt, engram_cache_rows=10)
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(engram_offload="gpu"), "engram_offload must be"),
+        (dict(engram_cache_rows=10), "needs engram_offload"),
+        (dict(engram_offload="disk", engram_cache_rows=1.5), "engram_cache_rows must be an integer"),
+        (dict(engram_offload="disk", engram_cache_rows=-3), "engram_cache_rows must be an integer"),
+    ],
+)
+def test_bad_offload_arguments(ckpt, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EngramMoEForCausalLM.from_pretrained(ckpt, **kwargs)
 
 
 def test_too_large_for_tier_fails_before_loading(ckpt, monkeypatch):
@@ -110,17 +123,26 @@ def test_inspect_cli(ckpt, capsys):
 
 def _write_big_checkpoint(path, rows_base, dim_embed):
     """A checkpoint whose tables are several GB, written in chunks: never whole in memory."""
-    config = tiny_config(engram_vocab_size=[rows_base, rows_base], engram_n_head_per_ngram=2,
-                         engram_n_embed_per_ngram=dim_embed, engram_offload="disk")
+    config = tiny_config(
+        engram_vocab_size=[rows_base, rows_base],
+        engram_n_head_per_ngram=2,
+        engram_n_embed_per_ngram=dim_embed,
+        engram_offload="disk",
+    )
     small = EngramMoEForCausalLM(config)
     state = {k: v.contiguous() for k, v in small.state_dict().items()}
-    big = {f"model.layers.{i}.engram.table.weight": (e.table.num_embeddings, e.table.embedding_dim)
-           for i, e in small.model.engram_layers.items()}
+    big = {
+        f"model.layers.{i}.engram.table.weight": (e.table.num_embeddings, e.table.embedding_dim)
+        for i, e in small.engram_layers().items()
+    }
     header, offset = {}, 0
     for k, v in state.items():
         n = v.numel() * v.element_size()
-        header[k] = {"dtype": {torch.float32: "F32", torch.int64: "I64"}[v.dtype], "shape": list(v.shape),
-                     "data_offsets": [offset, offset + n]}
+        header[k] = {
+            "dtype": {torch.float32: "F32", torch.int64: "I64"}[v.dtype],
+            "shape": list(v.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     for k, (r, d) in big.items():
         header[k] = {"dtype": "F32", "shape": [r, d], "data_offsets": [offset, offset + r * d * 4]}
@@ -147,6 +169,7 @@ def _write_big_checkpoint(path, rows_base, dim_embed):
     return sum(r * d * 4 for r, d in big.values())
 
 
+@pytest.mark.slow
 def test_disk_tier_with_multi_gb_table_keeps_memory_small(tmp_path):
     table_bytes = _write_big_checkpoint(tmp_path, rows_base=1_600_000, dim_embed=256)  # 2 x 3.2M rows x 128 dims
     assert table_bytes > 3 * 2**30
@@ -163,3 +186,113 @@ def test_disk_tier_with_multi_gb_table_keeps_memory_small(tmp_path):
     stats = model.engram_offload_stats()
     assert sum(s["bytes"] for s in stats.values()) == table_bytes
     assert all(s["cache"]["hits"] > 0 for s in stats.values())  # the second forward hits
+
+
+@pytest.mark.parametrize("change", ["rewrite", "truncate"])
+def test_disk_table_changed_after_load_fails_clearly(ckpt, tmp_path, change):
+    """Rewriting the file would silently change rows, truncating it would kill the process with SIGBUS
+    on the next read: both are detected before any row is read."""
+    import shutil
+
+    local = tmp_path / "ckpt"
+    shutil.copytree(ckpt, local)
+    model = EngramMoEForCausalLM.from_pretrained(local, engram_offload="disk").eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    weights = local / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # in place: the same inode the model has mapped
+        if change == "truncate":
+            f.truncate(size // 2)
+        else:
+            f.seek(size - 64)
+            f.write(bytes(64))
+    st = weights.stat()
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock must still see it
+    with pytest.raises(RuntimeError, match="changed on disk"), torch.no_grad():
+        model(ids, attention_mask=mask)
+
+
+def test_corrupt_safetensors_header_names_the_file(tmp_path):
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}")
+    with pytest.raises(ValueError, match=r"model.safetensors is not a valid safetensors file \(corrupt header"):
+        loading.checkpoint_tables(tmp_path)
+    bad.write_bytes(b"\x01")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        loading.checkpoint_tables(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["inspect", "{empty}"], "holds no safetensors checkpoint"),
+        (
+            ["inspect", "{ckpt}", "--engram-offload", "disk", "--cache-rows", "-3"],
+            "engram_cache_rows must be an integer",
+        ),
+        (["inspect", "{ckpt}", "--cache-rows", "8"], "needs engram_offload"),
+    ],
+)
+def test_inspect_cli_errors_are_one_line(ckpt, tmp_path, capsys, argv, message):
+    argv = [a.format(empty=tmp_path, ckpt=ckpt) for a in argv]
+    assert cli_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+
+
+@pytest.fixture(scope="module")
+def wide_ckpt(tmp_path_factory):
+    """A checkpoint of about 1.2 MiB with ~300 KiB decoder layers, so that the 700 KiB budget below
+    keeps some modules in RAM and offloads the rest to disk."""
+    path = tmp_path_factory.mktemp("wide")
+    model = tiny_model(sharp=True, hidden_size=64, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=4)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "engram",
+    [dict(), dict(engram_offload="disk"), dict(engram_offload="cpu", engram_cache_rows=32)],
+    ids=["resident-tables", "disk-tables", "cpu-tables"],
+)
+def test_accelerate_device_map_offload_is_exact(wide_ckpt, tmp_path, engram):
+    """device_map/max_memory/offload_folder reach accelerate, which offloads the backbone as for any
+    transformers model, alone or together with engram_offload; logits and generation stay exact."""
+    resident = AutoModelForCausalLM.from_pretrained(wide_ckpt).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        wide_ckpt, device_map="auto", max_memory={"cpu": "700KiB"}, offload_folder=str(tmp_path / "offload"), **engram
+    ).eval()
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}, model.hf_device_map
+    assert any(p.device.type == "meta" for p in model.parameters()), "nothing was offloaded"
+    ids, mask = _batch()
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, resident(ids, attention_mask=mask).logits)
+        assert torch.equal(
+            model.generate(ids, attention_mask=mask, **gen), resident.generate(ids, attention_mask=mask, **gen)
+        )
+    if engram:
+        assert set(model.engram_offload_stats()) == set(model.config.engram_layer_ids)
+
+
+def test_explicit_device_map_with_cpu_and_disk_layers(wide_ckpt, tmp_path):
+    resident = AutoModelForCausalLM.from_pretrained(wide_ckpt).eval()
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.compressor": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "disk",
+        "model.layers.3": "cpu",
+        "model.norm": "disk",
+        "lm_head": "disk",
+    }
+    model = AutoModelForCausalLM.from_pretrained(
+        wide_ckpt, device_map=device_map, offload_folder=str(tmp_path / "offload")
+    ).eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, resident(ids, attention_mask=mask).logits)

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from engram_hf.optim import EngramOptimizer, build_optimizer, engram_param_groups, set_sparse_table_grads
 from engram_hf.optim.rowwise import optimizer_state_bytes_per_row
 
-from conftest import tiny_model
-from test_training import _corpus_blocks
+from conftest import corpus_blocks as _corpus_blocks
+from conftest import cpu_training_args, tiny_model
 
 
 def _batch():
@@ -75,7 +75,7 @@ def test_adagrad_rows_state_is_4_bytes_per_row():
     m = tiny_model()
     opt = build_optimizer(m, lr=1e-2, table_optimizer="adagrad")
     _step(m, opt)
-    for engram in m.model.engram_layers.values():
+    for engram in m.engram_layers().values():
         assert optimizer_state_bytes_per_row(opt, engram.table.weight) == 4.0
 
 
@@ -110,10 +110,7 @@ def test_unknown_table_optimizer():
 
 
 def _trainer(model, tmp_path, steps, **kw):
-    args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
-        logging_steps=1, report_to="none", use_cpu=True, seed=0, max_grad_norm=1.0, **kw,
-    )
+    args = cpu_training_args(tmp_path, steps, per_device_train_batch_size=4, max_grad_norm=1.0, **kw)
     opt = build_optimizer(model, lr=args.learning_rate, table_optimizer="adagrad")
     return Trainer(model=model, args=args, train_dataset=_corpus_blocks(), optimizers=(opt, None))
 

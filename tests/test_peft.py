@@ -7,8 +7,8 @@ peft = pytest.importorskip("peft")
 
 from engram_hf.training import lora_config  # noqa: E402
 
+from conftest import corpus_blocks as _corpus_blocks  # noqa: E402
 from conftest import tiny_model  # noqa: E402
-from test_training import _corpus_blocks  # noqa: E402
 
 
 def _train_steps(model, steps=3):
@@ -25,7 +25,9 @@ def _train_steps(model, steps=3):
 def test_only_adapters_and_chosen_modules_change(train_tables):
     base = tiny_model()
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    model = peft.get_peft_model(base, lora_config(r=4, targets=("attention", "experts", "engram"), train_tables=train_tables))
+    model = peft.get_peft_model(
+        base, lora_config(r=4, targets=("attention", "experts", "engram"), train_tables=train_tables)
+    )
     _train_steps(model)
     for n, p in base.named_parameters():
         if "lora_" in n or "modules_to_save" in n:

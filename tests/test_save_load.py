@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from engram_hf import EngramMoEConfig, EngramMoEForCausalLM, EngramMoEModel
 
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 
 COMPRESSED = 61
 
@@ -67,9 +67,9 @@ def test_auto_classes_registered(saved):
     assert type(AutoModel.from_pretrained(path)) is EngramMoEModel
 
 
+@pytest.mark.slow
 def test_trust_remote_code_without_importing_package(saved, tmp_path):
     _, path, ids, logits, _ = saved
-    torch.save  # noqa: B018  (we exchange tensors through safetensors, never pickle)
     from safetensors.torch import save_file
 
     save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
@@ -79,9 +79,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 m = AutoModelForCausalLM.from_pretrained({str(path)!r}, trust_remote_code=True).eval()
 assert "engram_hf" not in type(m).__module__, type(m).__module__
-ids = load_file({str(tmp_path / 'ids.safetensors')!r})["ids"]
+ids = load_file({str(tmp_path / "ids.safetensors")!r})["ids"]
 with torch.no_grad():
-    save_file({{"logits": m(ids).logits.contiguous()}}, {str(tmp_path / 'out.safetensors')!r})
+    save_file({{"logits": m(ids).logits.contiguous()}}, {str(tmp_path / "out.safetensors")!r})
 """
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
@@ -117,3 +117,51 @@ def test_bf16_forward_runs_and_is_close(saved):
         out = b(ids).logits.float()
     assert torch.isfinite(out).all()
     assert (out - logits).abs().max() < 0.5
+
+
+def test_save_killed_mid_write_leaves_the_previous_checkpoint_loadable(saved, tmp_path):
+    """A save over an existing checkpoint that dies while writing the weights (SIGKILL, no cleanup)
+    must leave the old checkpoint loading exactly as before; the next save clears the debris."""
+    m, _, ids, logits, _ = saved
+    target = tmp_path / "ckpt"
+    m.save_pretrained(target)
+    (target / "tokenizer.json").write_text("{}")  # a file the save does not produce
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+import safetensors.torch as st
+from conftest import REPO, tiny_model
+real = st.save_file
+def dying_save(tensors, filename, *a, **k):
+    with open(filename, "wb") as f:
+        f.write(b"partial" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+st.save_file = dying_save
+import transformers.modeling_utils as mu
+if hasattr(mu, "safe_save_file"):
+    mu.safe_save_file = dying_save
+tiny_model(seed=5, compressed_vocab_size={COMPRESSED}).save_pretrained({str(target)!r})
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == -9, res.stderr[-2000:]
+    debris = [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]
+    assert debris, "the killed save should have been writing beside the target"
+    r = AutoModelForCausalLM.from_pretrained(target).eval()
+    with torch.no_grad():
+        assert torch.equal(r(ids).logits, logits)
+    assert (target / "tokenizer.json").read_text() == "{}"
+    m.save_pretrained(target)  # the next save removes what the dead one left
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt.")]
+    assert (target / "tokenizer.json").exists(), "files the save does not produce are kept"
+
+
+def test_saved_files_respect_the_umask(saved, tmp_path):
+    m, *_ = saved
+    old = os.umask(0o022)
+    try:
+        m.save_pretrained(tmp_path / "shared_ckpt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared_ckpt").stat().st_mode & 0o777 == 0o755
+    for f in (tmp_path / "shared_ckpt").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f.name

@@ -8,9 +8,10 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .memory import (
     EngramMemory,
-    NgramHasher,
+    HashContract,
     TokenCompressor,
     build_compression_table,
+    compressed_vocab_size,
     convert_reference_state_dict,
     load_reference_engram,
 )
@@ -33,9 +34,10 @@ __all__ = [
     "EngramMoEForCausalLM",
     "EngramMoEPreTrainedModel",
     "EngramMemory",
-    "NgramHasher",
+    "HashContract",
     "TokenCompressor",
     "build_compression_table",
+    "compressed_vocab_size",
     "convert_reference_state_dict",
     "load_reference_engram",
 ]

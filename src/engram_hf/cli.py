@@ -31,26 +31,42 @@ def _train(args) -> int:
     import json
 
     from .training import TrainSpec, read_texts, run_training, texts_from_dataset
+    from .training.run import check_spec
 
     if bool(args.data) == bool(args.dataset):
-        print("engram-hf train: give exactly one of --data FILES/DIRS or --dataset NAME", file=sys.stderr)
-        return 2
-    texts = read_texts(args.data, args.text_field) if args.data else texts_from_dataset(args.dataset, args.text_field)
+        raise UsageError("give exactly one of --data FILES/DIRS or --dataset NAME")
     overrides = {}
     for item in args.set or []:
-        key, _, value = item.partition("=")
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"--set takes KEY=VALUE pairs, got {item!r}")
         try:
             overrides[key] = json.loads(value)
         except json.JSONDecodeError:
             overrides[key] = value
     spec = TrainSpec(
-        out_dir=args.out, config=args.config, config_overrides=overrides, tokenizer=args.tokenizer,
-        bpe_vocab_size=args.vocab_size, steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
-        learning_rate=args.lr, table_lr=args.table_lr, table_optimizer=args.table_optimizer,
-        weight_decay=args.weight_decay, save_steps=args.save_steps, resume_from=args.resume,
-        gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, lora_r=args.lora_r,
-        lora_targets=tuple(args.lora_targets), seed=args.seed,
+        out_dir=args.out,
+        config=args.config,
+        config_overrides=overrides,
+        tokenizer=args.tokenizer,
+        bpe_vocab_size=args.vocab_size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        learning_rate=args.lr,
+        table_lr=args.table_lr,
+        table_optimizer=args.table_optimizer,
+        weight_decay=args.weight_decay,
+        save_steps=args.save_steps,
+        resume_from=args.resume,
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
+        lora_r=args.lora_r,
+        lora_targets=tuple(args.lora_targets),
+        seed=args.seed,
     )
+    check_spec(spec)
+    texts = read_texts(args.data, args.text_field) if args.data else texts_from_dataset(args.dataset, args.text_field)
     result = run_training(spec, texts)
     print(f"model: {result['model_dir']}  held-out loss: {result['eval_loss_before']} -> {result['eval_loss_after']}")
     if result["loss_curve"]:
@@ -63,8 +79,16 @@ def _experiment(args) -> int:
 
     from .experiments import run_experiments
 
-    results = run_experiments(args.which, args.data, args.out, steps=args.steps, seeds=tuple(args.seeds),
-                              quick=args.quick, tokenizer=args.tokenizer, vocab_size=args.vocab_size)
+    results = run_experiments(
+        args.which,
+        args.data,
+        args.out,
+        steps=args.steps,
+        seeds=tuple(args.seeds),
+        quick=args.quick,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+    )
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "models"} for k, v in results.items()}, indent=2))
     return 0
 
@@ -81,6 +105,7 @@ def _inspect(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-hf", description="Engram conditional memory for HF transformers.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser(
@@ -96,15 +121,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=3e-3)
     demo.add_argument("--text", nargs="+", help="UTF-8 text files to train on instead of the built-in Sonnets")
     demo.add_argument("--tokenizer", help="tokenizer directory (default: train a byte-level BPE on the text)")
-    demo.add_argument("--vocab-size", type=int, default=2048, help="size of the BPE tokenizer trained when --tokenizer is not given")
+    demo.add_argument(
+        "--vocab-size", type=int, default=2048, help="size of the BPE tokenizer trained when --tokenizer is not given"
+    )
     demo.add_argument("--prompt", default="Shall I compare thee")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
-    tr = sub.add_parser("train", help="train an EngramMoE with transformers.Trainer",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tr.add_argument("--config", default="tiny", help=f"a preset ({', '.join(sorted(PRESETS))}) or a JSON of config fields")
-    tr.add_argument("--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. hc_mult=2 engram_layer_ids=[1]")
+    tr = sub.add_parser(
+        "train",
+        help="train an EngramMoE with transformers.Trainer",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    tr.add_argument(
+        "--config", default="tiny", help=f"a preset ({', '.join(sorted(PRESETS))}) or a JSON of config fields"
+    )
+    tr.add_argument(
+        "--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. hc_mult=2 engram_layer_ids=[1]"
+    )
     tr.add_argument("--data", nargs="+", help=".txt/.jsonl files or directories of them")
     tr.add_argument("--dataset", help="a datasets name or local dataset path (split 'train'), instead of --data")
     tr.add_argument("--text-field", default="text", help="text field of .jsonl lines / dataset column")
@@ -116,23 +150,36 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--block-size", type=int, default=128)
     tr.add_argument("--lr", type=float, default=3e-3)
     tr.add_argument("--table-lr", type=float, help="Engram table learning rate (default 5 x --lr)")
-    tr.add_argument("--table-optimizer", choices=["adam", "adagrad", "dense"], default="adam",
-                    help="row-wise sparse Adam / row-wise Adagrad / plain AdamW on dense table gradients")
+    tr.add_argument(
+        "--table-optimizer",
+        choices=["adam", "adagrad", "dense"],
+        default="adam",
+        help="row-wise sparse Adam / row-wise Adagrad / plain AdamW on dense table gradients",
+    )
     tr.add_argument("--weight-decay", type=float, default=0.0)
     tr.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
     tr.add_argument("--resume", help="a checkpoint directory under OUT/checkpoints to resume from")
     tr.add_argument("--gradient-checkpointing", action="store_true")
     tr.add_argument("--bf16", action="store_true")
     tr.add_argument("--lora-r", type=int, default=0, help="train LoRA adapters of this rank instead of the full model")
-    tr.add_argument("--lora-targets", nargs="+", default=["attention", "experts"],
-                    help="groups (attention, experts, engram) or module names")
+    tr.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=["attention", "experts"],
+        help="groups (attention, experts, engram) or module names",
+    )
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=_train)
 
-    ex = sub.add_parser("experiment", help="the paper's claims in miniature: iso-parameter, table scaling, masking",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ex = sub.add_parser(
+        "experiment",
+        help="the paper's claims in miniature: iso-parameter, table scaling, masking",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ex.add_argument("which", choices=["iso", "scaling", "mask", "all"])
-    ex.add_argument("--data", nargs="+", required=True, help=".txt/.jsonl files or directories (the last documents are held out)")
+    ex.add_argument(
+        "--data", nargs="+", required=True, help=".txt/.jsonl files or directories (the last documents are held out)"
+    )
     ex.add_argument("--out", default="runs/experiments")
     ex.add_argument("--steps", type=int, default=300)
     ex.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -147,15 +194,35 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--cache-rows", type=int, default=0, help="hot-row cache size per table (engram_cache_rows)")
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=_inspect)
+    for sp in sub.choices.values():
+        # Also accepted after the command name; only the top-level flag sets the default.
+        sp.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors"
+        )
     return parser
 
 
+class UsageError(ValueError):
+    """A command line that cannot run as given."""
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. A failure prints one line and returns 1; ``--debug`` shows the traceback."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "steps", 1) < 1:
-        print("engram-hf: --steps must be >= 1", file=sys.stderr)
-        return 2
-    return args.func(args)
+    try:
+        if getattr(args, "steps", 1) < 1:
+            raise UsageError("--steps must be >= 1")
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"engram-hf {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (every failure becomes one readable line)
+        if args.debug:
+            raise
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        message = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        print(f"engram-hf {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 
 from .models.engram_moe import EngramMoEConfig, EngramMoEForCausalLM
+from .presets import PRESETS
 from .training import TrainSpec, read_texts, run_training
-from .training.run import prepare_tokenizer
+from .training.run import prepare_tokenizer, tokenizer_fields
 from .utils import atomic_write_file
 
-# Shared backbone of every run: small enough for minutes on two CPU cores.
-BACKBONE = dict(
-    hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384,
-    num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=128, first_k_dense_replace=1, hc_mult=2,
-    router_bias_update_rate=1e-3, engram_max_ngram_size=3, engram_n_head_per_ngram=4, engram_n_embed_per_ngram=64,
-)
+# Shared backbone of every run: the "tiny" preset (minutes on two CPU cores), with the expert count,
+# the Engram layers and their table sizes set per experiment.
+BACKBONE = {
+    k: v for k, v in PRESETS["tiny"].items() if k not in ("n_routed_experts", "engram_layer_ids", "engram_vocab_size")
+}
 MOE_EXPERTS = 8  # the pure-MoE baseline
 ENGRAM_EXPERTS = 4  # the Engram model: half the routed experts, their parameters moved into tables
 ENGRAM_LAYERS = [1]
@@ -38,7 +38,7 @@ def count_params(config: EngramMoEConfig) -> dict:
     with torch.device("meta"):
         model = EngramMoEForCausalLM(config)
     total = sum(p.numel() for p in model.parameters())
-    tables = sum(e.table.weight.numel() for e in model.model.engram_layers.values())
+    tables = model.engram_table_parameters()
     experts = sum(
         sum(p.numel() for p in layer.mlp.experts.parameters()) for layer in model.model.layers if layer.is_moe
     )
@@ -49,15 +49,17 @@ def count_params(config: EngramMoEConfig) -> dict:
     return {"total": total, "tables": tables, "routed_experts": experts, "activated": activated}
 
 
-def iso_configs(vocab_size: int, compressed_vocab_size: int, **token_fields) -> tuple[EngramMoEConfig, EngramMoEConfig]:
-    """(pure MoE, Engram MoE) with equal total parameters and equal routed compute per token."""
-    common = dict(BACKBONE, vocab_size=vocab_size, compressed_vocab_size=compressed_vocab_size, **token_fields)
+def iso_configs(**token_fields) -> tuple[EngramMoEConfig, EngramMoEConfig]:
+    """(pure MoE, Engram MoE) with equal total parameters and equal routed compute per token.
+    ``token_fields``: vocab_size, compressed_vocab_size and the special token ids."""
+    common = dict(BACKBONE, **token_fields)
     moe = EngramMoEConfig(**common, n_routed_experts=MOE_EXPERTS, engram_layer_ids=[])
     target = count_params(moe)["total"]
 
     def engram(rows: int) -> EngramMoEConfig:
-        return EngramMoEConfig(**common, n_routed_experts=ENGRAM_EXPERTS, engram_layer_ids=ENGRAM_LAYERS,
-                               engram_vocab_size=[rows, rows])
+        return EngramMoEConfig(
+            **common, n_routed_experts=ENGRAM_EXPERTS, engram_layer_ids=ENGRAM_LAYERS, engram_vocab_size=[rows, rows]
+        )
 
     # Table rows grow the total linearly: solve for the base size that matches, then refine.
     lo, hi = 2, 1 << 22
@@ -98,10 +100,7 @@ def experiment_iso(spec: TrainSpec, texts, out: Path, seeds=(0, 1, 2)) -> dict:
     train, evals = split_corpus(texts)
     tokenizer = prepare_tokenizer(spec, train)
     table = _compression(tokenizer)
-    moe_cfg, engram_cfg = iso_configs(
-        len(tokenizer), int(table.max()) + 1, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        engram_pad_id=tokenizer.eos_token_id,
-    )
+    moe_cfg, engram_cfg = iso_configs(**tokenizer_fields(tokenizer, table))
     losses = {"moe": [], "engram": []}
     models = {}
     for seed in seeds:
@@ -126,14 +125,16 @@ def experiment_scaling(spec: TrainSpec, texts, out: Path, rows=(512, 2048, 8192,
     train, evals = split_corpus(texts)
     tokenizer = prepare_tokenizer(spec, train)
     table = _compression(tokenizer)
-    common = dict(BACKBONE, vocab_size=len(tokenizer), compressed_vocab_size=int(table.max()) + 1,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                  engram_pad_id=tokenizer.eos_token_id, n_routed_experts=ENGRAM_EXPERTS, engram_layer_ids=ENGRAM_LAYERS)
+    common = dict(
+        BACKBONE, **tokenizer_fields(tokenizer, table), n_routed_experts=ENGRAM_EXPERTS, engram_layer_ids=ENGRAM_LAYERS
+    )
     points = []
     for r in rows:
         cfg = EngramMoEConfig(**common, engram_vocab_size=[r, r])
         result = _run(f"rows{r}", cfg, spec, tokenizer, train, evals, out, seed)
-        points.append({"base_rows": r, "table_params": count_params(cfg)["tables"], "eval_loss": result["eval_loss_after"]})
+        points.append(
+            {"base_rows": r, "table_params": count_params(cfg)["tables"], "eval_loss": result["eval_loss_after"]}
+        )
     plot = _plot_scaling(points, out / "scaling.png")
     return {"points": points, "plot": str(plot) if plot else None}
 
@@ -212,12 +213,29 @@ def experiment_mask(model_dir: str, texts, n: int = 64) -> dict:
     return out
 
 
-def run_experiments(which: str, data, out_dir, steps: int = 300, seeds=(0, 1, 2), quick: bool = False,
-                    tokenizer: str | None = None, vocab_size: int = 4096) -> dict:
+def run_experiments(
+    which: str,
+    data,
+    out_dir,
+    steps: int = 300,
+    seeds=(0, 1, 2),
+    quick: bool = False,
+    tokenizer: str | None = None,
+    vocab_size: int = 4096,
+) -> dict:
     texts = read_texts(data)
     out = Path(out_dir)
-    spec = TrainSpec(out_dir=str(out), tokenizer=tokenizer, bpe_vocab_size=vocab_size, steps=steps, batch_size=8,
-                     block_size=128, learning_rate=3e-3, eval_fraction=0.0, progress=not quick)
+    spec = TrainSpec(
+        out_dir=str(out),
+        tokenizer=tokenizer,
+        bpe_vocab_size=vocab_size,
+        steps=steps,
+        batch_size=8,
+        block_size=128,
+        learning_rate=3e-3,
+        eval_fraction=0.0,
+        progress=not quick,
+    )
     results = {}
     if which in ("iso", "mask", "all"):
         results["iso"] = experiment_iso(spec, texts, out / "iso", seeds=seeds)

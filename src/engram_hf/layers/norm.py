@@ -5,17 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops.inputs import NormParams, resolve_eps
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
-    """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32.
-
-    ``eps=None`` means float32 machine epsilon, which is what ``torch.nn.RMSNorm(eps=None)`` uses
-    for float32 inputs (the Engram reference's key and query norms).
-    """
+    """``weight * x / sqrt(mean(x^2) + eps)``, computed in float32."""
     dtype = x.dtype
     x = x.float()
-    eps = torch.finfo(torch.float32).eps if eps is None else eps
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + resolve_eps(eps))
     return weight * x.to(dtype)
 
 
@@ -31,6 +28,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps)
+
+    def params(self) -> NormParams:
+        """The (weight, eps) bundle the fused ops take."""
+        return NormParams(self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.eps}"

@@ -1,14 +1,17 @@
 """Engram memory: compression → hashing → rows → fusion, and its decoding state."""
 
-from .compression import TokenCompressor, build_compression_table
+from .compression import TokenCompressor, build_compression_table, compressed_vocab_size
 from .convert import convert_reference_state_dict, load_reference_engram
 from .engram import EngramMemory
-from .hashing import NgramHasher, layer_multipliers, table_primes
+from .hashing import HashBuffers, HashContract, LayerHash, layer_multipliers, table_primes
 
 __all__ = [
     "TokenCompressor",
     "build_compression_table",
-    "NgramHasher",
+    "compressed_vocab_size",
+    "HashContract",
+    "LayerHash",
+    "HashBuffers",
     "layer_multipliers",
     "table_primes",
     "EngramMemory",

@@ -9,8 +9,8 @@ time.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from tokenizers import Regex, normalizers
+from torch import nn
 from tqdm.auto import tqdm
 
 # Private-use code point standing in for a lone space while `Strip` runs, so that a token that is
@@ -60,25 +60,32 @@ def build_compression_table(tokenizer, progress: bool = True) -> torch.LongTenso
     ``[ \\t\\r\\n]`` collapse to one space, a lone space is kept and the rest is stripped (an empty
     result falls back to the raw text). Canonical ids are numbered in first-seen order.
 
-    Returns an int64 tensor ``[len(tokenizer)]``; ``int(table.max()) + 1`` is the compressed vocab
-    size to put in ``EngramMoEConfig.compressed_vocab_size``.
+    Returns an int64 tensor ``[len(tokenizer)]``; ``compressed_vocab_size(table)`` is the value of
+    ``EngramMoEConfig.compressed_vocab_size``.
     """
     key_to_id: dict[str, int] = {}
     table = [key_to_id.setdefault(key, len(key_to_id)) for key in canonical_keys(tokenizer, progress)]
     return torch.tensor(table, dtype=torch.long)
 
 
+def compressed_vocab_size(table: torch.Tensor) -> int:
+    """Number of canonical ids of a compression table (``EngramMoEConfig.compressed_vocab_size``)."""
+    return int(table.max()) + 1 if table.numel() else 0
+
+
 class TokenCompressor(nn.Module):
-    """Holds the compression table and applies it with input validation.
+    """Holds the compression table and applies it: raw ids → canonical ids, the first step of
+    every Engram lookup (and the only place compression happens).
 
     ``lookup_table`` is a persistent buffer so that it travels inside the checkpoint. A model built
     from a config alone starts with the identity table (every id is its own canonical id).
     """
 
-    def __init__(self, vocab_size: int, compressed_vocab_size: int):
+    def __init__(self, vocab_size: int, compressed_vocab_size: int, pad_id: int):
         super().__init__()
         self.vocab_size = vocab_size
         self.compressed_vocab_size = compressed_vocab_size
+        self.pad_id = pad_id
         self.lookup_table = nn.Buffer(torch.empty(vocab_size, dtype=torch.long), persistent=True)
         # The table is checked once before first use, and again after it is replaced.
         self._checked = False
@@ -113,9 +120,15 @@ class TokenCompressor(nn.Module):
         self._checked = False
         super()._load_from_state_dict(*args, **kwargs)
 
-    def forward(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+    def forward(self, input_ids: torch.LongTensor, mask: torch.Tensor | None = None):
+        """``(canonical ids [B, T], canonical pad id 0-dim)``; masked positions take the pad id, so
+        padding never reaches a real token's n-grams."""
         self.check(input_ids)
-        return self.lookup_table[input_ids.long()]
+        canonical = self.lookup_table[input_ids.long()]
+        pad = self.lookup_table[self.pad_id]
+        if mask is not None:
+            canonical = torch.where(mask.bool(), canonical, pad)
+        return canonical, pad
 
     def check(self, input_ids: torch.LongTensor) -> None:
         """Raise a clear error for a missing table or ids that are not valid token ids."""
@@ -130,16 +143,16 @@ class TokenCompressor(nn.Module):
                 raise ValueError(f"input_ids contains {bad}, outside the vocabulary [0, {self.vocab_size}).")
 
 
-def validate_compression_table(table: torch.Tensor, vocab_size: int, compressed_vocab_size: int) -> None:
+def validate_compression_table(table: torch.Tensor, vocab_size: int, expected: int) -> None:
     if table.dim() != 1 or table.shape[0] != vocab_size:
         raise ValueError(f"The compression table must have shape [{vocab_size}], got {list(table.shape)}.")
     if table.is_floating_point() or table.is_complex():
         raise TypeError(f"The compression table must hold integers, got {table.dtype}.")
     if table.numel() and int(table.min()) < 0:
         raise ValueError("The compression table holds negative canonical ids.")
-    size = int(table.max()) + 1 if table.numel() else 0
-    if size != compressed_vocab_size:
+    size = compressed_vocab_size(table)
+    if size != expected:
         raise ValueError(
             f"The compression table has {size} canonical ids but config.compressed_vocab_size is "
-            f"{compressed_vocab_size}: the checkpoint and its config disagree (the hash multipliers depend on it)."
+            f"{expected}: the checkpoint and its config disagree (the hash multipliers depend on it)."
         )

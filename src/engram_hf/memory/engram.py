@@ -4,57 +4,52 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.integrations.accelerate import force_accelerate_hooks
 
 from .. import ops
 from ..layers.norm import RMSNorm
 from ..offload.table import OffloadedTable
-from ..ops.hash_gather.naive import hash_rows
-from .cache import CONV_STATE, EngramInputs
-from .hashing import NgramHasher, layer_multipliers, table_primes
+from ..ops.inputs import ConvParams, EngramInputs
+from .cache import CONV_STATE
+from .hashing import HashBuffers, LayerHash
 
 
 class EngramMemory(nn.Module):
     """Engram at one layer.
 
-    Data flow: raw ids → canonical ids → hash ids ``[B,T,(N-1)K]`` → rows of the stacked table →
-    ``e_t`` ``[B,T,E]`` with ``E = (N-1) * n_embed_per_ngram`` → shared value ``v = W_V e`` and one
-    key per residual branch ``k_m = W_K,m e`` → gate ``α_m = σ(ssqrt(<RMSNorm(h_m), RMSNorm(k_m)> /
-    sqrt(D)))`` → ``α_m v`` plus a dilated causal depthwise conv of its per-branch RMSNorm through
-    SiLU. The three steps run as ``engram_hf.ops`` (Triton on CUDA, torch twins elsewhere).
+    Data flow: canonical ids (``EngramInputs``) → global row ids ``[B,T,(N-1)K]`` → rows of the
+    stacked table → ``e_t`` ``[B,T,E]`` with ``E = (N-1) * n_embed_per_ngram`` → shared value
+    ``v = W_V e`` and one key per residual branch ``k_m = W_K,m e`` → gate ``α_m = σ(ssqrt(
+    <RMSNorm(h_m), RMSNorm(k_m)> / sqrt(D)))`` → ``α_m v`` plus a dilated causal depthwise conv of
+    its per-branch RMSNorm through SiLU. The three steps run as ``engram_hf.ops`` (Triton on CUDA,
+    torch twins elsewhere).
 
     Inputs and outputs are ``[B, T, hc_mult, hidden]``; the caller adds the output to the residual
     streams. Parameter layout (the converter maps the reference's names onto it):
 
     * ``table.weight``: all heads' tables stacked in (order, head) order; ``hasher.offsets`` are their
-      first rows.
+      first rows. With ``config.engram_offload`` the table is an ``OffloadedTable`` instead.
     * ``key_proj``: the ``hc_mult`` key projections stacked into one ``Linear(E, hc_mult*hidden)``.
     * ``key_norm``, ``query_norm``, ``conv_norm``: per-branch RMSNorm weights ``[hc_mult, hidden]``.
     """
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config, layer_hash: LayerHash):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx = layer_hash.layer_id
         self.hidden_size = config.hidden_size
         self.hc_mult = config.hc_mult
         self.max_ngram_size = config.engram_max_ngram_size
         self.kernel_size = config.engram_kernel_size
         self.conv_state_len = (self.kernel_size - 1) * self.max_ngram_size
-        n_head = config.engram_n_head_per_ngram
-        self.head_dim = config.engram_n_embed_per_ngram // n_head
+        self.head_dim = config.engram_n_embed_per_ngram // config.engram_n_head_per_ngram
         self.embed_dim = (self.max_ngram_size - 1) * config.engram_n_embed_per_ngram
 
-        primes = table_primes(
-            config.engram_vocab_size, self.max_ngram_size, n_head, config.engram_layer_ids
-        )[layer_idx]
-        multipliers = layer_multipliers(
-            config.engram_seed, layer_idx, self.max_ngram_size, config.compressed_vocab_size
-        )
-        self.hasher = NgramHasher(multipliers, primes)
-        offload = getattr(config, "engram_offload", None)
-        if offload:
-            self.table = OffloadedTable(self.hasher.num_rows, self.head_dim, offload)
+        self.hasher = HashBuffers(layer_hash)
+        tier = getattr(config, "engram_offload", None)
+        if tier:
+            self.table = OffloadedTable(layer_hash.num_rows, self.head_dim, tier)
         else:
-            self.table = nn.Embedding(self.hasher.num_rows, self.head_dim)
+            self.table = nn.Embedding(layer_hash.num_rows, self.head_dim)
         self.value_proj = nn.Linear(self.embed_dim, self.hidden_size, bias=True)
         self.key_proj = nn.Linear(self.embed_dim, self.hc_mult * self.hidden_size, bias=True)
         # eps=None: float32 machine epsilon, as the reference's nn.RMSNorm() defaults.
@@ -67,59 +62,65 @@ class EngramMemory(nn.Module):
         # an optimizer that accepts them. Off by default so any torch optimizer works.
         self.sparse_grad = False
 
-    def hash(self, inputs: EngramInputs) -> torch.LongTensor:
-        """Row ids inside each head's table, ``[B,T,(N-1)K]`` without offsets (the reference's hash ids)."""
-        h = self.hasher
-        return hash_rows(inputs.ids, inputs.lut, inputs.prefix, inputs.mask, inputs.pad, h.multipliers, h.moduli)
-
     @property
     def offloaded(self) -> bool:
         return isinstance(self.table, OffloadedTable)
 
+    @property
+    def num_table_rows(self) -> int:
+        return self.hasher.layer_hash.num_rows
+
+    @property
+    def table_parameters(self) -> int:
+        """Elements of this layer's table, wherever it lives (resident or offloaded)."""
+        return self.num_table_rows * self.head_dim
+
+    def row_ids(self, inputs: EngramInputs) -> torch.LongTensor:
+        """Global row ids ``[B, T, (N-1)K]`` in the stacked table: which rows each position reads."""
+        return ops.hash_rows(inputs, self.hasher.params()) + self.hasher.offsets
+
     def prefetch(self, inputs: EngramInputs) -> None:
         """Start fetching this layer's rows of an offloaded table in the background."""
         if self.offloaded:
-            rows = self.hash(inputs) + self.hasher.offsets
+            rows = self.row_ids(inputs)
             self.table.prefetch(rows)
             inputs.prefetched[self.layer_idx] = rows
 
     def lookup(self, inputs: EngramInputs) -> tuple[torch.Tensor, torch.LongTensor]:
         """``e_t`` ``[B, T, E]`` and the global row ids ``[B, T, (N-1)K]`` it was gathered from."""
-        h = self.hasher
         if self.offloaded:
             rows = inputs.prefetched.get(self.layer_idx)
             if rows is None:
-                rows = self.hash(inputs) + h.offsets
+                rows = self.row_ids(inputs)
             return self.table(rows).flatten(-2), rows
-        return ops.hash_gather(
-            inputs.ids, inputs.lut, inputs.prefix, inputs.mask, inputs.pad,
-            h.multipliers, h.moduli, h.offsets, self.table.weight, self.sparse_grad,
-        )
+        return ops.hash_gather(inputs, self.hasher.params(), self.table.weight, self.sparse_grad)
 
-    def forward(self, hidden_states: torch.Tensor, inputs: EngramInputs, past_key_values=None) -> torch.Tensor:
+    def conv_params(self) -> ConvParams:
+        return ConvParams(self.conv_norm.params(), self.conv.weight, self.max_ngram_size)
+
+    # The weights below are read directly by the fused ops, not through their modules' forward:
+    # fire accelerate's hooks for them, so device_map offloading loads them for this call.
+    @force_accelerate_hooks(["hasher", "table", "key_norm", "query_norm", "conv_norm", "conv"])
+    def forward(self, hidden_states: torch.Tensor, inputs: EngramInputs, cache=None) -> torch.Tensor:
         B, T, M, D = hidden_states.shape
         if M != self.hc_mult or D != self.hidden_size:
-            raise ValueError(
-                f"Engram expects hidden states [B, T, {self.hc_mult}, {self.hidden_size}], got {list(hidden_states.shape)}."
-            )
+            expected = f"[B, T, {self.hc_mult}, {self.hidden_size}]"
+            raise ValueError(f"Engram expects hidden states {expected}, got {list(hidden_states.shape)}.")
         embeddings = self.lookup(inputs)[0].to(device=hidden_states.device, dtype=hidden_states.dtype)
         key = self.key_proj(embeddings).view(B, T, M, D)
         value = self.value_proj(embeddings)
-        gated = ops.gate_value(
-            key, hidden_states, value, self.key_norm.weight, self.query_norm.weight, self.key_norm.eps, self.query_norm.eps
-        )
-        return self.short_conv(gated, inputs.mask, past_key_values)
+        gated = ops.gate_value(key, hidden_states, value, self.key_norm.params(), self.query_norm.params())
+        return self.short_conv(gated, inputs.mask, cache)
 
-    def short_conv(self, gated: torch.Tensor, mask=None, past_key_values=None) -> torch.Tensor:
+    def short_conv(self, gated: torch.Tensor, mask=None, cache=None) -> torch.Tensor:
         """``gated + SiLU(conv(RMSNorm(gated)))``, continuing from the cached conv state if any."""
-        state = past_key_values.get_conv_state(self.layer_idx, CONV_STATE) if past_key_values is not None else None
-        args = (self.conv_norm.weight, self.conv.weight, self.max_ngram_size, self.conv_norm.eps)
+        state = cache.get_conv_state(self.layer_idx, CONV_STATE) if cache is not None else None
         if state is not None and gated.shape[1] == 1 and not torch.is_grad_enabled():
             # Decode: one kernel reads the taps from the cached state and shifts it in place.
-            return ops.short_conv_step(gated, *args, state, mask)
-        y, new_state = ops.short_conv(gated, *args, mask, state)
-        if past_key_values is not None:
-            past_key_values.update_conv_state(
+            return ops.short_conv_step(gated, self.conv_params(), mask, state)
+        y, new_state = ops.short_conv(gated, self.conv_params(), mask, state)
+        if cache is not None:
+            cache.update_conv_state(
                 new_state, self.layer_idx, state_idx=CONV_STATE, conv_kernel_size=self.conv_state_len
             )
         return y

@@ -1,16 +1,25 @@
-"""Multiplicative-XOR n-gram hashing (paper §2.2, steps 2-3), bit-exact with the reference.
+"""Multiplicative-XOR n-gram hashing (paper §2.2, steps 2-3): the hash contract, bit-exact with
+the reference.
 
-For a layer with multipliers ``m_0..m_{N-1}`` and canonical ids ``x``, the n-gram ending at ``t``
-mixes ``x[t-k] * m_k`` with XOR over ``k < n``; head ``j`` of order ``n`` then takes
-``mix mod p_{n,j}``. All arithmetic is int64 on the input's device. Products cannot overflow:
-multipliers are drawn below ``int64_max // compressed_vocab_size``.
+``HashContract`` is everything that fixes where a token sequence's rows live: per layer the odd
+multipliers ``m_0..m_{N-1}`` and the prime table sizes of every (order, head), their offsets in
+the stacked table, the pad id and the size of the compressed vocabulary. It is computed once per
+model from the config, and its ``fingerprint`` identifies the addressing of a checkpoint (row
+edits and sharded tables check it before they touch rows). The hashing itself runs as
+``engram_hf.ops.hash_rows`` / ``hash_gather``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
 import numpy as np
 import torch
 from torch import nn
+
+from ..ops.inputs import HashParams
 
 # Layer ids are spread over the seed space by this prime, as in the reference.
 _LAYER_SEED_STRIDE = 10007
@@ -42,7 +51,10 @@ def is_prime(n: int) -> bool:
 
 
 def layer_multipliers(seed: int, layer_id: int, max_ngram_size: int, compressed_vocab_size: int) -> np.ndarray:
-    """The odd multipliers ``m_0..m_{N-1}`` of one layer (numpy's PCG64 stream, as the reference)."""
+    """The odd multipliers ``m_0..m_{N-1}`` of one layer (numpy's PCG64 stream, as the reference).
+
+    They are drawn below ``int64_max // compressed_vocab_size``, so no product overflows int64.
+    """
     half = max(1, (np.iinfo(np.int64).max // int(compressed_vocab_size)) // 2)
     rng = np.random.default_rng(int(seed + _LAYER_SEED_STRIDE * int(layer_id)))
     return rng.integers(0, half, size=(max_ngram_size,), dtype=np.int64) * 2 + 1
@@ -75,44 +87,109 @@ def table_primes(
     return out
 
 
-class NgramHasher(nn.Module):
-    """Hashes canonical ids into per-head row indices for one Engram layer.
+@dataclass(frozen=True)
+class LayerHash:
+    """One Engram layer's addressing: multipliers ``[N]``, and per (order, head) the prime table
+    size and the first row of that head's table in the stacked table."""
 
-    Buffers are non-persistent: they are pure functions of the config, rebuilt by ``reset_buffers``
-    (called from ``_init_weights``, since transformers 5 re-creates such buffers empty on load).
+    layer_id: int
+    multipliers: tuple[int, ...]
+    primes: tuple[int, ...]
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        return tuple(int(o) for o in np.concatenate([[0], np.cumsum(self.primes)[:-1]]))
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.primes)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.primes)
+
+
+@dataclass(frozen=True)
+class HashContract:
+    """Where every n-gram's rows live, for every Engram layer of a model (see the module docstring)."""
+
+    layer_ids: tuple[int, ...]
+    max_ngram_size: int
+    n_head_per_ngram: int
+    engram_vocab_size: tuple[int, ...]
+    seed: int
+    compressed_vocab_size: int
+    pad_id: int
+    layers: tuple[LayerHash, ...]
+
+    @classmethod
+    def from_config(cls, config) -> HashContract:
+        n, k = config.engram_max_ngram_size, config.engram_n_head_per_ngram
+        layer_ids = [int(i) for i in config.engram_layer_ids]
+        primes = table_primes(config.engram_vocab_size, n, k, layer_ids)
+        layers = tuple(
+            LayerHash(
+                layer_id=i,
+                multipliers=tuple(
+                    int(m) for m in layer_multipliers(config.engram_seed, i, n, config.compressed_vocab_size)
+                ),
+                primes=tuple(p for heads in primes[i] for p in heads),
+            )
+            for i in layer_ids
+        )
+        return cls(
+            layer_ids=tuple(layer_ids),
+            max_ngram_size=n,
+            n_head_per_ngram=k,
+            engram_vocab_size=tuple(int(v) for v in config.engram_vocab_size),
+            seed=int(config.engram_seed),
+            compressed_vocab_size=int(config.compressed_vocab_size),
+            pad_id=int(config.engram_pad_id),
+            layers=layers,
+        )
+
+    def layer(self, layer_id: int) -> LayerHash:
+        for lh in self.layers:
+            if lh.layer_id == layer_id:
+                return lh
+        raise KeyError(f"Layer {layer_id} has no Engram memory (Engram layers: {list(self.layer_ids)}).")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fingerprint(self, compression_table: torch.Tensor | None = None) -> str:
+        """A short hex digest of the contract (and of the compression table, when given): two models
+        with the same fingerprint address every token sequence's rows identically."""
+        h = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode())
+        if compression_table is not None:
+            h.update(compression_table.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+class HashBuffers(nn.Module):
+    """A layer's hash constants on the device: ``multipliers``, ``moduli`` (the primes), ``offsets``.
+
+    Non-persistent: they are functions of the config, refilled from the ``LayerHash`` by
+    ``reset_buffers`` (called from ``_init_weights``, since transformers 5 re-creates such buffers
+    empty on load).
     """
 
-    def __init__(self, multipliers: np.ndarray, primes: list[list[int]]):
+    def __init__(self, layer_hash: LayerHash):
         super().__init__()
-        self.max_ngram_size = len(multipliers)
-        self.n_head = len(primes[0])
-        self._multipliers = [int(m) for m in multipliers]
-        self._primes = [int(p) for heads in primes for p in heads]
-        self._offsets = np.concatenate([[0], np.cumsum(self._primes)[:-1]]).astype(np.int64).tolist()
-        n = len(self._primes)
-        self.multipliers = nn.Buffer(torch.empty(self.max_ngram_size, dtype=torch.long), persistent=False)
+        self.layer_hash = layer_hash
+        n = layer_hash.num_heads
+        self.multipliers = nn.Buffer(torch.empty(len(layer_hash.multipliers), dtype=torch.long), persistent=False)
         self.moduli = nn.Buffer(torch.empty(n, dtype=torch.long), persistent=False)
         self.offsets = nn.Buffer(torch.empty(n, dtype=torch.long), persistent=False)
         if not self.multipliers.is_meta:
             self.reset_buffers()
 
-    @property
-    def num_rows(self) -> int:
-        return sum(self._primes)
-
-    @property
-    def num_heads_total(self) -> int:
-        return len(self._primes)
-
-    @property
-    def primes(self) -> list[int]:
-        return list(self._primes)
-
     def expected_buffers(self) -> dict[str, torch.Tensor]:
+        lh = self.layer_hash
         return {
-            "multipliers": torch.tensor(self._multipliers, dtype=torch.long),
-            "moduli": torch.tensor(self._primes, dtype=torch.long),
-            "offsets": torch.tensor(self._offsets, dtype=torch.long),
+            "multipliers": torch.tensor(lh.multipliers, dtype=torch.long),
+            "moduli": torch.tensor(lh.primes, dtype=torch.long),
+            "offsets": torch.tensor(lh.offsets, dtype=torch.long),
         }
 
     @torch.no_grad()
@@ -120,20 +197,8 @@ class NgramHasher(nn.Module):
         for name, value in self.expected_buffers().items():
             getattr(self, name).copy_(value)
 
-    def forward(self, history: torch.LongTensor) -> torch.LongTensor:
-        """``history`` is ``[B, N-1+T]``: N-1 ids of context (pads before the start) then the T ids.
+    def params(self) -> HashParams:
+        return HashParams(self.multipliers, self.moduli, self.offsets)
 
-        Returns ``[B, T, (N-1)*K]`` row indices inside each head's table, without offsets, ordered
-        (order 2 heads, order 3 heads, ...), exactly as the reference.
-        """
-        n_ctx = self.max_ngram_size - 1
-        T = history.shape[1] - n_ctx
-        if T < 0:
-            raise ValueError(f"history must hold at least {n_ctx} context ids, got {history.shape[1]} in total.")
-        mix = history[:, n_ctx:] * self.multipliers[0]
-        blocks = []
-        for k in range(1, self.max_ngram_size):
-            mix = torch.bitwise_xor(mix, history[:, n_ctx - k : n_ctx - k + T] * self.multipliers[k])
-            moduli = self.moduli[(k - 1) * self.n_head : k * self.n_head]
-            blocks.append(torch.remainder(mix.unsqueeze(-1), moduli))
-        return torch.cat(blocks, dim=-1)
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_hash.layer_id}, heads={self.layer_hash.num_heads}, rows={self.layer_hash.num_rows:,}"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .loading import _BYTES, _checkpoint_files, checkpoint_tables
+from .loading import cache_bytes, checkpoint_files, checkpoint_tables, host_bytes
 from .stores import safetensors_header
+from .tiers import check_cache_rows, check_tier
 
 
 def _fmt(n: float) -> str:
@@ -18,29 +19,48 @@ def _fmt(n: float) -> str:
 
 def describe_checkpoint(path, tier: str | None = None, cache_rows: int = 0) -> dict:
     """Sizes of every Engram table and the expected memory per device for ``tier``."""
+    check_tier(tier)
+    check_cache_rows(cache_rows, tier)
+    files = checkpoint_files(path)
+    if not files:
+        raise FileNotFoundError(f"{path} holds no safetensors checkpoint (model.safetensors or an index).")
     tables = checkpoint_tables(path)
+    if not tables:
+        raise ValueError(f"{path} holds no Engram tables (is it an EngramMoE checkpoint?).")
     total = 0
-    for file in _checkpoint_files(path):
+    for file in files:
         header, _ = safetensors_header(file)
-        for key, info in header.items():
+        for info in header.values():
             if isinstance(info, dict) and "data_offsets" in info:
                 total += info["data_offsets"][1] - info["data_offsets"][0]
     table_bytes = sum(t.nbytes for t in tables.values())
-    cache_bytes = sum(min(cache_rows, t.rows) * t.dim * _BYTES.get(t.dtype, 4) for t in tables.values())
     dense = total - table_bytes
     if tier is None:
         memory = {"compute device": dense + table_bytes, "host RAM": 0, "disk (read on demand)": 0}
     elif tier == "cpu":
-        memory = {"compute device": dense + cache_bytes, "host RAM": table_bytes, "disk (read on demand)": 0}
-    elif tier == "disk":
-        memory = {"compute device": dense, "host RAM": cache_bytes, "disk (read on demand)": table_bytes}
+        memory = {
+            "compute device": dense + cache_bytes(tables, cache_rows),
+            "host RAM": table_bytes,
+            "disk (read on demand)": 0,
+        }
     else:
-        raise ValueError(f"tier must be None, 'cpu' or 'disk', got {tier!r}.")
+        memory = {
+            "compute device": dense,
+            "host RAM": host_bytes(tables, tier, cache_rows),
+            "disk (read on demand)": table_bytes,
+        }
     return {
         "path": str(Path(path)),
         "tier": tier or "resident",
         "tables": [
-            {"layer": t.layer, "rows": t.rows, "dim": t.dim, "dtype": t.dtype, "bytes": t.nbytes, "file": Path(t.file).name}
+            {
+                "layer": t.layer,
+                "rows": t.rows,
+                "dim": t.dim,
+                "dtype": t.dtype,
+                "bytes": t.nbytes,
+                "file": Path(t.file).name,
+            }
             for t in sorted(tables.values(), key=lambda t: t.layer)
         ],
         "dense_bytes": dense,
@@ -53,7 +73,9 @@ def format_description(d: dict) -> str:
     lines = [f"{d['path']}: Engram tables {_fmt(d['table_bytes'])}, other weights {_fmt(d['dense_bytes'])}"]
     lines.append(f"{'layer':>5} {'rows':>14} {'dim':>5} {'dtype':>6} {'bytes':>11}  file")
     for t in d["tables"]:
-        lines.append(f"{t['layer']:>5} {t['rows']:>14,} {t['dim']:>5} {t['dtype']:>6} {_fmt(t['bytes']):>11}  {t['file']}")
+        lines.append(
+            f"{t['layer']:>5} {t['rows']:>14,} {t['dim']:>5} {t['dtype']:>6} {_fmt(t['bytes']):>11}  {t['file']}"
+        )
     lines.append(f"expected memory with tier '{d['tier']}':")
     for device, n in d["memory"].items():
         lines.append(f"  {device:<22} {_fmt(n)}")

@@ -1,7 +1,19 @@
-"""Find Engram tables in a checkpoint (headers only), check they fit their tier, bind stores."""
+"""Loading a checkpoint with offloaded Engram tables: the one interface ``from_pretrained`` calls.
+
+``engram_from_pretrained`` reads the tables' shapes from the safetensors headers (nothing else),
+checks they fit their tier, loads the rest of the model through transformers (``device_map``,
+``max_memory`` and ``offload_folder`` go to accelerate untouched), then opens a row store per
+table and binds it through ``model.bind_engram_stores``.
+
+The two offloads divide the work: accelerate places and offloads the backbone, Engram's
+projections, norms and conv included; ``engram_offload`` places the tables. A resident table
+(``engram_offload=None``) is an ordinary parameter that accelerate places, or offloads and copies
+whole to the execution device at each forward, like any other weight.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import dataclass
@@ -9,10 +21,16 @@ from pathlib import Path
 
 import torch
 
-from .stores import DiskRowStore, HostRowStore, safetensors_header
+from .stores import DiskRowStore, HostRowStore, dtype_size, safetensors_header
+from .tiers import check_cache_rows, check_tier
 
 _TABLE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.engram\.table\.weight$")
-_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+# from_pretrained arguments that say where a checkpoint comes from (forwarded to file lookups).
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
+
+
+def hub_kwargs(kwargs: dict) -> dict:
+    return {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
 
 
 @dataclass
@@ -26,33 +44,43 @@ class TableInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.rows * self.dim * _BYTES.get(self.dtype, 4)
+        return self.rows * self.dim * dtype_size(self.dtype)
 
 
-def _checkpoint_files(path, **kwargs) -> list[Path]:
+def checkpoint_files(path, **kwargs) -> list[Path]:
+    """The safetensors files of a local or hub checkpoint (sharded or not); [] if it has none."""
     local = Path(path)
     if local.is_dir():
-        sub = local / kwargs.get("subfolder", "") if kwargs.get("subfolder") else local
+        sub = local / kwargs["subfolder"] if kwargs.get("subfolder") else local
         index = sub / "model.safetensors.index.json"
         if index.exists():
-            return sorted({sub / f for f in json.loads(index.read_text())["weight_map"].values()})
+            return sorted({sub / f for f in _weight_map(index).values()})
         single = sub / "model.safetensors"
         return [single] if single.exists() else []
+    if local.exists() or str(path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{path} is not a checkpoint directory.")
     from transformers.utils import cached_file
 
     hub = {k: kwargs[k] for k in ("cache_dir", "token", "revision", "subfolder", "local_files_only") if k in kwargs}
     index = cached_file(path, "model.safetensors.index.json", _raise_exceptions_for_missing_entries=False, **hub)
     if index:
-        names = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        names = sorted(set(_weight_map(Path(index)).values()))
         return [Path(cached_file(path, n, **hub)) for n in names]
     single = cached_file(path, "model.safetensors", _raise_exceptions_for_missing_entries=False, **hub)
     return [Path(single)] if single else []
 
 
+def _weight_map(index: Path) -> dict:
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index} is not a valid safetensors index (corrupt file?): {e}") from None
+
+
 def checkpoint_tables(path, **kwargs) -> dict[int, TableInfo]:
     """Engram tables stored in a checkpoint, by layer, read from safetensors headers only."""
     tables = {}
-    for file in _checkpoint_files(path, **kwargs):
+    for file in checkpoint_files(path, **kwargs):
         header, _ = safetensors_header(file)
         for key, info in header.items():
             m = _TABLE_KEY.search(key)
@@ -68,44 +96,91 @@ def _available_ram() -> int:
     return psutil.virtual_memory().available
 
 
+def cache_bytes(tables: dict[int, TableInfo], cache_rows: int) -> int:
+    """Bytes of hot-row caches of ``cache_rows`` rows over every table."""
+    return sum(min(cache_rows, t.rows) * t.dim * dtype_size(t.dtype) for t in tables.values())
+
+
+def host_bytes(tables: dict[int, TableInfo], tier: str | None, cache_rows: int = 0) -> int:
+    """Host RAM the tables need on their tier: whole tables unless on disk, where only the cache counts."""
+    return cache_bytes(tables, cache_rows) if tier == "disk" else sum(t.nbytes for t in tables.values())
+
+
 def check_table_memory(tables: dict[int, TableInfo], tier: str | None, cache_rows: int = 0) -> None:
     """Fail before loading if the tables cannot fit the memory of their tier."""
-    if tier not in (None, "cpu", "disk"):
-        raise ValueError(f"engram_offload must be None, 'cpu' or 'disk', got {tier!r}.")
-    if cache_rows < 0:
-        raise ValueError(f"engram_cache_rows must be >= 0, got {cache_rows}.")
+    check_tier(tier)
+    check_cache_rows(cache_rows, tier)
     if not tables:
         return
     gib = 2**30
+    need = host_bytes(tables, tier, cache_rows)
     if tier == "disk":
-        need = sum(min(cache_rows, t.rows) * t.dim * _BYTES.get(t.dtype, 4) for t in tables.values())
         where = f"an engram_cache_rows={cache_rows} row cache"
     else:
-        need = sum(t.nbytes for t in tables.values())
         where = "the Engram tables in host memory" if tier == "cpu" else "the Engram tables loaded as parameters"
     available = _available_ram()
     if need > 0.9 * available:
-        hint = "use a smaller engram_cache_rows" if tier == "disk" else "load with engram_offload='disk' (and engram_cache_rows=N for hot rows)"
+        hint = (
+            "use a smaller engram_cache_rows"
+            if tier == "disk"
+            else "load with engram_offload='disk' (and engram_cache_rows=N for hot rows)"
+        )
         raise MemoryError(
-            f"{where.capitalize()} need {need / gib:.2f} GiB of RAM but only {available / gib:.2f} GiB is available; {hint}."
+            f"{where[0].upper() + where[1:]} need {need / gib:.2f} GiB of RAM but only {available / gib:.2f} GiB "
+            f"is available; {hint}."
         )
 
 
-def bind_offloaded_tables(model, tables: dict[int, TableInfo], tier: str, cache_rows: int = 0) -> None:
-    """Attach a host or disk store (and an optional hot-row cache) to every offloaded Engram table."""
-    base = getattr(model, "model", model)
-    compute = next((p.device for p in model.parameters()), torch.device("cpu"))
-    for layer, engram in base.engram_layers.items():
-        if layer not in tables:
-            raise KeyError(f"The checkpoint holds no Engram table for layer {layer}.")
-        info = tables[layer]
-        if tier == "disk":
-            store = DiskRowStore(info.file, info.key)
-            cache_device = "cpu"
-        else:
-            from safetensors import safe_open
+def open_store(info: TableInfo, tier: str):
+    """A row store over one checkpoint table: memory-mapped for "disk", read into RAM for "cpu"."""
+    if tier == "disk":
+        return DiskRowStore(info.file, info.key)
+    from safetensors import safe_open
 
-            with safe_open(info.file, framework="pt") as f:
-                store = HostRowStore(f.get_tensor(info.key))
-            cache_device = compute
-        engram.table.bind(store, cache_rows, cache_device)
+    with safe_open(info.file, framework="pt") as f:
+        return HostRowStore(f.get_tensor(info.key))
+
+
+def execution_device(model) -> torch.device:
+    """Where the model computes: the first accelerator of its device map, else its parameters' device."""
+    device_map = getattr(model, "hf_device_map", None)
+    if device_map:
+        for d in device_map.values():
+            if d not in ("cpu", "disk"):
+                return torch.device(f"cuda:{d}" if isinstance(d, int) else d)
+        return torch.device("cpu")
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+
+
+def engram_from_pretrained(load, config_class, path, *args, engram_offload=None, engram_cache_rows=0, **kwargs):
+    """``load(path, *args, **kwargs)`` (transformers' ``from_pretrained``) with the tables on their tier."""
+    if engram_offload is None:
+        # AutoModel* passes engram_offload through AutoConfig (it is a config field).
+        engram_offload = getattr(kwargs.get("config"), "engram_offload", None)
+    tier = check_tier(engram_offload)
+    cache_rows = check_cache_rows(engram_cache_rows, tier)
+    try:
+        tables = checkpoint_tables(path, **hub_kwargs(kwargs))
+    except OSError:
+        if tier is not None:
+            raise
+        tables = {}  # let transformers resolve (and report on) the checkpoint itself
+    if tier is not None and not tables:
+        raise FileNotFoundError(f"{path} holds no Engram tables in safetensors files to offload.")
+    if tier is not None or kwargs.get("device_map") in (None, "cpu"):
+        # Resident tables placed by a device_map are accelerate's to budget, not host RAM's.
+        check_table_memory(tables, tier, cache_rows)
+    if tier is not None:
+        config = kwargs.pop("config", None)
+        config = (
+            copy.deepcopy(config) if config is not None else config_class.from_pretrained(path, **hub_kwargs(kwargs))
+        )
+        config.engram_offload = tier
+        kwargs["config"] = config
+    model = load(path, *args, **kwargs)
+    if tier is not None:
+        stores = {layer: open_store(info, tier) for layer, info in tables.items()}
+        device = execution_device(model)
+        # The hot-row cache sits where rows are consumed for host tables, in RAM for disk tables.
+        model.bind_engram_stores(stores, cache_rows, device if tier == "cpu" else "cpu")
+    return model

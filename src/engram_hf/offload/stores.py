@@ -9,22 +9,40 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 import warnings
 from pathlib import Path
 
 import torch
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# safetensors dtype names of the tables we serve, and what they are in torch.
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def dtype_size(name: str) -> int:
+    """Bytes per element of a safetensors dtype name."""
+    if name not in SAFETENSORS_DTYPES:
+        raise ValueError(f"Engram tables must be one of {sorted(SAFETENSORS_DTYPES)}, got {name!r}.")
+    return SAFETENSORS_DTYPES[name].itemsize
 
 
 def safetensors_header(path: str | Path) -> tuple[dict, int]:
     """(header dict, byte offset of the data section) of a safetensors file, reading only the header."""
     with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path} is not a valid safetensors file (corrupt or truncated: {len(raw)} bytes).")
+        (n,) = struct.unpack("<Q", raw)
         if n > 100 * 2**20:
-            raise ValueError(f"{path}: implausible safetensors header length {n}; is it a safetensors file?")
-        header = json.loads(f.read(n))
+            raise ValueError(f"{path} is not a valid safetensors file (corrupt header: length {n}).")
+        blob = f.read(n)
+    try:
+        header = json.loads(blob)
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file (corrupt header: {e}).") from None
     return header, 8 + n
 
 
@@ -38,7 +56,10 @@ class RowStore:
 
     @property
     def nbytes(self) -> int:
-        return self.num_rows * self.dim * torch.empty((), dtype=self.dtype).element_size()
+        return self.num_rows * self.dim * self.dtype.itemsize
+
+    def check_unchanged(self) -> None:
+        """Raise if the backing storage changed since the store was opened (disk stores check)."""
 
     def gather(self, rows: torch.LongTensor) -> torch.Tensor:
         raise NotImplementedError
@@ -68,14 +89,22 @@ class DiskRowStore(RowStore):
         if key not in header:
             raise KeyError(f"{path} holds no tensor {key!r}.")
         info = header[key]
-        if info["dtype"] not in _DTYPES or len(info["shape"]) != 2:
+        if info["dtype"] not in SAFETENSORS_DTYPES or len(info["shape"]) != 2:
             raise ValueError(f"{path}:{key} is {info['dtype']} {info['shape']}; a 2-D float table is expected.")
-        super().__init__(info["shape"][0], info["shape"][1], _DTYPES[info["dtype"]])
+        super().__init__(info["shape"][0], info["shape"][1], SAFETENSORS_DTYPES[info["dtype"]])
         begin, end = info["data_offsets"]
         if end - begin != self.nbytes:
-            raise ValueError(f"{path}:{key}: {end - begin} bytes on disk for a {self.nbytes}-byte table (corrupt file?).")
+            raise ValueError(
+                f"{path}:{key}: {end - begin} bytes on disk for a {self.nbytes}-byte table (corrupt file?)."
+            )
         self.path = str(path)
         self._file = open(path, "rb")
+        st = os.fstat(self._file.fileno())
+        if st.st_size < data_start + end:
+            raise ValueError(f"{path} is truncated: {st.st_size} bytes, the header promises {data_start + end}.")
+        # What the file looked like when mapped: a change afterwards (rewritten or truncated in place)
+        # would silently change rows or kill the process with SIGBUS on a read past the new end.
+        self._identity = (st.st_size, st.st_mtime_ns, st.st_ino)
         self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         if hasattr(mmap, "MADV_RANDOM"):
             # Rows are read at random: read-ahead would only pull in (and map) neighbours we never use.
@@ -83,10 +112,21 @@ class DiskRowStore(RowStore):
         with warnings.catch_warnings():
             # The map is read-only and never written through this tensor.
             warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(self._map, dtype=self.dtype, count=self.num_rows * self.dim, offset=data_start + begin)
+            flat = torch.frombuffer(
+                self._map, dtype=self.dtype, count=self.num_rows * self.dim, offset=data_start + begin
+            )
         self.table = flat.view(self.num_rows, self.dim)
 
+    def check_unchanged(self) -> None:
+        st = os.fstat(self._file.fileno())
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
+            raise RuntimeError(
+                f"{self.path} changed on disk after the model was loaded (size or modification time differs); "
+                "its Engram table rows can no longer be trusted. Reload the model."
+            )
+
     def gather(self, rows):
+        self.check_unchanged()
         return self.table.index_select(0, rows)
 
 

@@ -86,6 +86,8 @@ class OffloadedTable(nn.Module):
         self._pending = (rows, inverse, future)
 
     def forward(self, rows: torch.LongTensor) -> torch.Tensor:
+        if self.store is None:
+            raise RuntimeError("Offloaded Engram table has no store bound (load it with from_pretrained).")
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is rows:
             _, inverse, future = pending
@@ -94,6 +96,7 @@ class OffloadedTable(nn.Module):
         elif rows.device.type == "cpu" and self.cache is None:
             # CPU compute reading RAM or the page cache: gather straight from the store.
             self.synchronous += 1
+            self.store.check_unchanged()
             return F.embedding(rows, self.store.table)
         else:
             unique, inverse = torch.unique(rows, return_inverse=True)
@@ -106,8 +109,13 @@ class OffloadedTable(nn.Module):
         return values[inverse]
 
     def stats(self) -> dict:
-        out = {"tier": self.tier, "rows": self.num_embeddings, "bytes": self.store.nbytes if self.store else None,
-               "prefetched_lookups": self.prefetched, "synchronous_lookups": self.synchronous}
+        out = {
+            "tier": self.tier,
+            "rows": self.num_embeddings,
+            "bytes": self.store.nbytes if self.store else None,
+            "prefetched_lookups": self.prefetched,
+            "synchronous_lookups": self.synchronous,
+        }
         if self.cache is not None:
             out["cache"] = self.cache.stats()
         return out

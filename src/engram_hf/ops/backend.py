@@ -44,6 +44,12 @@ def use_backend(name: str):
         set_backend(previous)
 
 
+def device_guard(x: torch.Tensor):
+    """Make ``x``'s GPU the current device while a kernel launches: Triton launches on the current
+    device, which for a model spread over several GPUs is not always the tensor's."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def use_triton(x: torch.Tensor) -> bool:
     if _backend == "torch":
         return False

@@ -55,7 +55,9 @@ def _take_pending_grad(p: torch.Tensor) -> torch.Tensor | None:
         grads.append(p.grad)
     if all(g.is_sparse for g in grads):
         return torch.sparse_coo_tensor(
-            torch.cat([g._indices() for g in grads], 1), torch.cat([g._values() for g in grads]), p.shape,
+            torch.cat([g._indices() for g in grads], 1),
+            torch.cat([g._values() for g in grads]),
+            p.shape,
             check_invariants=False,
         )
     return sum(g.to_dense() for g in grads)
@@ -119,7 +121,9 @@ def engram_param_groups(
 class EngramOptimizer(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"Invalid hyper-parameters: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}.")
+            raise ValueError(
+                f"Invalid hyper-parameters: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}."
+            )
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, kind="dense"))
         for g in self.param_groups:
             if g["kind"] not in ("dense", "adam_rows", "adagrad_rows"):
@@ -152,7 +156,9 @@ class EngramOptimizer(torch.optim.Optimizer):
                 if grad is not None:
                     rows, values = _row_gradient(grad)
                     if rows.numel():
-                        (self._adam_rows if group["kind"] == "adam_rows" else self._adagrad_rows)(p, rows, values, group)
+                        (self._adam_rows if group["kind"] == "adam_rows" else self._adagrad_rows)(
+                            p, rows, values, group
+                        )
         return loss
 
     def _adamw(self, p, group):

@@ -97,8 +97,13 @@ class ReferenceEngram(nn.Module):
         self.short_conv = _ShortConv()
         channels = hc_mult * hidden_size
         self.short_conv.conv = nn.Conv1d(
-            channels, channels, kernel_size, groups=channels, bias=False,
-            padding=(kernel_size - 1) * max_ngram_size, dilation=max_ngram_size,
+            channels,
+            channels,
+            kernel_size,
+            groups=channels,
+            bias=False,
+            padding=(kernel_size - 1) * max_ngram_size,
+            dilation=max_ngram_size,
         )
         self.short_conv.norms = nn.ModuleList([nn.RMSNorm(hidden_size, eps=1e-5) for _ in range(hc_mult)])
 

@@ -11,8 +11,13 @@ LORA_TARGETS: dict[str, list[str]] = {
 }
 
 
-def lora_config(r: int = 8, alpha: int | None = None, targets=("attention", "experts"), train_tables: bool = False,
-                dropout: float = 0.0):
+def lora_config(
+    r: int = 8,
+    alpha: int | None = None,
+    targets=("attention", "experts"),
+    train_tables: bool = False,
+    dropout: float = 0.0,
+):
     """A ``peft.LoraConfig`` for EngramMoE.
 
     ``targets``: groups from ``LORA_TARGETS`` and/or raw module names. ``train_tables=True`` adds the

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator, set_seed
 
-from ..memory import build_compression_table
+from ..memory import build_compression_table, compressed_vocab_size
 from ..model_card import render_model_card
 from ..models.engram_moe import EngramMoEConfig, EngramMoEForCausalLM
 from ..optim import build_optimizer
@@ -48,21 +48,88 @@ class TrainSpec:
     lora_targets: tuple = ("attention", "experts")
     seed: int = 0
     progress: bool = True
+    display_dir: str | None = None  # the path to report when out_dir is a temp dir moved there afterwards
 
 
-def load_model_config(spec: TrainSpec, **token_fields) -> EngramMoEConfig:
+# Keys a saved config.json carries besides EngramMoEConfig's own fields; accepted in --config files.
+_SAVED_CONFIG_KEYS = {
+    "model_type",
+    "architectures",
+    "auto_map",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "layer_types",
+    "number_of_conv_states",
+    "output_hidden_states",
+    "return_dict",
+}
+
+
+def config_fields() -> set[str]:
+    """The fields an EngramMoEConfig takes."""
+    import inspect
+
+    return {n for n in inspect.signature(EngramMoEConfig.__init__).parameters if n not in ("self", "kwargs")}
+
+
+def _check_fields(fields: dict, where: str, allowed_extra: set[str] = frozenset()) -> None:
+    unknown = sorted(set(fields) - config_fields() - set(allowed_extra))
+    if unknown:
+        known = ", ".join(sorted(config_fields()))
+        raise ValueError(f"{where} sets unknown config field(s) {unknown}; EngramMoEConfig takes: {known}.")
+
+
+def check_spec(spec: TrainSpec) -> None:
+    """Checks that need no data: run first, so a typo fails before tokenizer training starts."""
+    _check_fields(spec.config_overrides, "--set")
+    if spec.config not in PRESETS:
+        load_model_config(spec, _check_only=True)
+    if spec.tokenizer:
+        path = Path(spec.tokenizer).expanduser()
+        if not path.exists() and spec.tokenizer.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"Tokenizer directory {path} does not exist.")
+
+
+def load_model_config(spec: TrainSpec, _check_only: bool = False, **token_fields) -> EngramMoEConfig | None:
+    _check_fields(spec.config_overrides, "--set")
     if spec.config in PRESETS:
         return preset_config(spec.config, **{**token_fields, **spec.config_overrides})
     path = Path(spec.config)
     if not path.is_file():
         raise ValueError(f"--config must be a preset ({', '.join(PRESETS)}) or a JSON file, got {spec.config!r}.")
-    fields = json.loads(path.read_text())
-    fields.pop("model_type", None)
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    _check_fields(fields, str(path), _SAVED_CONFIG_KEYS)
+    if _check_only:
+        return None
+    fields = {k: v for k, v in fields.items() if k not in _SAVED_CONFIG_KEYS}
     return EngramMoEConfig(**{**fields, **token_fields, **spec.config_overrides})
 
 
+def load_tokenizer(name_or_path: str):
+    """A tokenizer from a local directory (checked first, so a typo is not sent to the hub as a repo
+    id) or a hub name."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"Tokenizer path {path} is a file; give the directory that holds tokenizer files.")
+        return AutoTokenizer.from_pretrained(str(path))
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise FileNotFoundError(f"Tokenizer directory {path} does not exist.")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise OSError(
+            f"No local directory {name_or_path!r}, and it could not be loaded as a hub tokenizer either "
+            f"(offline, or no such repo): {str(e).splitlines()[0]}"
+        ) from None
+
+
 def prepare_tokenizer(spec: TrainSpec, texts: list[str]):
-    tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer) if spec.tokenizer else train_bpe_tokenizer(texts, spec.bpe_vocab_size)
+    tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer else train_bpe_tokenizer(texts, spec.bpe_vocab_size)
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer needs an EOS token (it separates documents and pads).")
     if tokenizer.pad_token_id is None:
@@ -70,29 +137,36 @@ def prepare_tokenizer(spec: TrainSpec, texts: list[str]):
     return tokenizer
 
 
-def build_model(spec: TrainSpec, tokenizer) -> EngramMoEForCausalLM:
-    table = build_compression_table(tokenizer, progress=spec.progress)
-    config = load_model_config(
-        spec,
+def tokenizer_fields(tokenizer, table) -> dict:
+    """The config fields a tokenizer and its compression table fix (EOS doubles as Engram's pad)."""
+    return dict(
         vocab_size=len(tokenizer),
-        compressed_vocab_size=int(table.max()) + 1,
+        compressed_vocab_size=compressed_vocab_size(table),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         engram_pad_id=tokenizer.eos_token_id,
     )
+
+
+def build_model(spec: TrainSpec, tokenizer) -> EngramMoEForCausalLM:
+    table = build_compression_table(tokenizer, progress=spec.progress)
+    config = load_model_config(spec, **tokenizer_fields(tokenizer, table))
     model = EngramMoEForCausalLM(config)
     model.set_compression_table(table)
     return model
 
 
-def run_training(spec: TrainSpec, texts: list[str], tokenizer=None, model=None, eval_texts: list[str] | None = None) -> dict:
+def run_training(
+    spec: TrainSpec, texts: list[str], tokenizer=None, model=None, eval_texts: list[str] | None = None
+) -> dict:
     """Train on ``texts`` and write ``out_dir/{model, loss_curve.png, summary.json}``.
 
     Held-out loss is measured on ``eval_texts`` if given, else on the first ``eval_fraction`` of
     the packed blocks (which are then not trained on).
     """
     out = Path(spec.out_dir)
+    check_spec(spec)
     set_seed(spec.seed)
     tokenizer = tokenizer or prepare_tokenizer(spec, texts)
     model = model or build_model(spec, tokenizer)
@@ -116,7 +190,10 @@ def run_training(spec: TrainSpec, texts: list[str], tokenizer=None, model=None, 
     optimizer = None
     if spec.table_optimizer != "dense" and not spec.lora_r:
         optimizer = build_optimizer(
-            model, lr=spec.learning_rate, table_lr=spec.table_lr, weight_decay=spec.weight_decay,
+            model,
+            lr=spec.learning_rate,
+            table_lr=spec.table_lr,
+            weight_decay=spec.weight_decay,
             table_optimizer=spec.table_optimizer,
         )
     eval_every = spec.eval_every or max(1, spec.steps // 6)
@@ -143,8 +220,12 @@ def run_training(spec: TrainSpec, texts: list[str], tokenizer=None, model=None, 
         disable_tqdm=not spec.progress,
     )
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=default_data_collator, callbacks=[RouterBiasCallback()],
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=default_data_collator,
+        callbacks=[RouterBiasCallback()],
         optimizers=(optimizer, None),
     )
     eval_before = trainer.evaluate()["eval_loss"] if eval_set is not None else None
@@ -152,6 +233,7 @@ def run_training(spec: TrainSpec, texts: list[str], tokenizer=None, model=None, 
     eval_after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 
     model_dir = out / "model"
+    shown_dir = Path(spec.display_dir) / "model" if spec.display_dir else model_dir
     n_params = sum(p.numel() for p in base_model.parameters())
     note = (
         f"{spec.steps} steps with `transformers.Trainer` ({spec.table_optimizer} table optimizer, lr "
@@ -165,7 +247,7 @@ def run_training(spec: TrainSpec, texts: list[str], tokenizer=None, model=None, 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not spec.lora_r:
-            card = render_model_card(base_model, f"EngramMoE ({spec.config})", str(model_dir), note)
+            card = render_model_card(base_model, f"EngramMoE ({spec.config})", str(shown_dir), note)
             (tmp / "README.md").write_text(card, encoding="utf-8")
 
     atomic_write_dir(model_dir, save)
@@ -176,15 +258,13 @@ def run_training(spec: TrainSpec, texts: list[str], tokenizer=None, model=None, 
     summary = {
         "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()},
         "parameters": n_params,
-        "engram_table_parameters": sum(
-            e.table.weight.numel() for e in base_model.model.engram_layers.values()
-        ),
+        "engram_table_parameters": base_model.engram_table_parameters(),
         "vocab_size": len(tokenizer),
         "train_blocks": len(train_set),
         "eval_loss_before": eval_before,
         "eval_loss_after": eval_after,
         "eval_ppl_after": math.exp(eval_after) if eval_after is not None else None,
-        "model_dir": str(model_dir),
+        "model_dir": str(shown_dir),
         "loss_curve": str(plot) if plot else None,
         "log_history": trainer.state.log_history,
     }

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from numbers import Integral, Real
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+from engram_hf.memory.cache import NUM_CACHE_STATES
+from engram_hf.offload.tiers import OFFLOAD_TIERS
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _is_int_list(value) -> bool:
+    return isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
+
+
+def _int_list(name: str, value) -> list[int]:
+    """A list of ints from a list or tuple of ints; anything else (a string, a bare int, floats) raises."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{name} must be a list of integers, got {type(value).__name__} {value!r}.")
+    bad = [v for v in value if not _is_int(v)]
+    if bad:
+        raise ValueError(f"{name} must be a list of integers, got {value!r} (not integers: {bad}).")
+    return [int(v) for v in value]
 
 
 class EngramMoEConfig(PreTrainedConfig):
@@ -42,7 +70,7 @@ class EngramMoEConfig(PreTrainedConfig):
     """
 
     model_type = "engram_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,
@@ -88,7 +116,7 @@ class EngramMoEConfig(PreTrainedConfig):
         tie_word_embeddings: bool = False,
         **kwargs,
     ):
-        # Derived fields written by save_pretrained; always recomputed from the fields above.
+        # Derived fields that older checkpoints wrote to config.json; they are properties now.
         kwargs.pop("layer_types", None)
         kwargs.pop("number_of_conv_states", None)
 
@@ -103,7 +131,9 @@ class EngramMoEConfig(PreTrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
-        self.rope_parameters = dict(rope_parameters) if rope_parameters else {"rope_type": "default", "rope_theta": 10000.0}
+        self.rope_parameters = (
+            dict(rope_parameters) if rope_parameters is not None else {"rope_type": "default", "rope_theta": 10000.0}
+        )
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.n_routed_experts = n_routed_experts
@@ -117,17 +147,15 @@ class EngramMoEConfig(PreTrainedConfig):
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_bias_update_rate = router_bias_update_rate
         self.hc_mult = hc_mult
-        self.engram_layer_ids = [int(i) for i in engram_layer_ids]
+        self.engram_layer_ids = engram_layer_ids
         self.engram_max_ngram_size = engram_max_ngram_size
-        if isinstance(engram_vocab_size, int):
-            engram_vocab_size = [engram_vocab_size] * max(engram_max_ngram_size - 1, 0)
-        self.engram_vocab_size = [int(v) for v in engram_vocab_size]
+        self.engram_vocab_size = engram_vocab_size
         self.engram_n_head_per_ngram = engram_n_head_per_ngram
         self.engram_n_embed_per_ngram = engram_n_embed_per_ngram
         self.engram_kernel_size = engram_kernel_size
         self.engram_seed = engram_seed
         if engram_pad_id is None:
-            engram_pad_id = next((t for t in (pad_token_id, eos_token_id) if isinstance(t, int)), 0)
+            engram_pad_id = next((t for t in (pad_token_id, eos_token_id) if _is_int(t)), 0)
         self.engram_pad_id = engram_pad_id
         self.compressed_vocab_size = vocab_size if compressed_vocab_size is None else compressed_vocab_size
         # Runtime placement of the tables (set by from_pretrained(engram_offload=...)); never saved.
@@ -137,19 +165,53 @@ class EngramMoEConfig(PreTrainedConfig):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.tie_word_embeddings = tie_word_embeddings
-        self._validate()
-        # Engram layers cache conv states beside their KV (see engram_hf.memory.cache).
-        self.layer_types = [
-            "hybrid" if i in self.engram_layer_ids else "full_attention" for i in range(num_hidden_layers)
-        ]
-        self.number_of_conv_states = 2
+        self.validate()
         super().__init__(**kwargs)
+
+    # Engram layers cache conv states beside their KV (see engram_hf.memory.cache). Both are derived
+    # from the current field values, so they can never go stale when a field is changed.
+    @property
+    def layer_types(self) -> list[str]:
+        ids = set(self.engram_layer_ids) if _is_int_list(self.engram_layer_ids) else set()
+        return ["hybrid" if i in ids else "full_attention" for i in range(self.num_hidden_layers)]
+
+    @property
+    def number_of_conv_states(self) -> int:
+        return NUM_CACHE_STATES
+
+    def validate(self) -> None:
+        """Normalise list fields and check every field, with a message naming the bad one.
+
+        Runs when the config is built and again when a model is built from it, so a value set on
+        the config afterwards is checked too.
+        """
+        if isinstance(self.engram_vocab_size, Integral) and not isinstance(self.engram_vocab_size, bool):
+            if _is_int(self.engram_max_ngram_size):
+                self.engram_vocab_size = [int(self.engram_vocab_size)] * max(self.engram_max_ngram_size - 1, 0)
+        self.engram_layer_ids = _int_list("engram_layer_ids", self.engram_layer_ids)
+        self.engram_vocab_size = _int_list("engram_vocab_size", self.engram_vocab_size)
+        self._validate()
 
     def _validate(self) -> None:
         def positive(**fields):
             for name, value in fields.items():
-                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                if not _is_int(value) or value <= 0:
                     raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+        def positive_float(**fields):
+            for name, value in fields.items():
+                if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                    raise ValueError(f"{name} must be a positive number, got {value!r}.")
+
+        def non_negative(**fields):
+            for name, value in fields.items():
+                if not _is_real(value) or not math.isfinite(value) or value < 0:
+                    raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+
+        def boolean(**fields):
+            for name, value in fields.items():
+                if not isinstance(value, bool):
+                    raise ValueError(f"{name} must be True or False, got {value!r}.")
 
         positive(
             vocab_size=self.vocab_size,
@@ -168,6 +230,26 @@ class EngramMoEConfig(PreTrainedConfig):
             engram_kernel_size=self.engram_kernel_size,
             compressed_vocab_size=self.compressed_vocab_size,
         )
+        positive_float(rms_norm_eps=self.rms_norm_eps, routed_scaling_factor=self.routed_scaling_factor)
+        non_negative(
+            initializer_range=self.initializer_range,
+            router_aux_loss_coef=self.router_aux_loss_coef,
+            router_bias_update_rate=self.router_bias_update_rate,
+            attention_dropout=self.attention_dropout,
+        )
+        if self.attention_dropout >= 1:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout}.")
+        boolean(
+            attention_bias=self.attention_bias,
+            norm_topk_prob=self.norm_topk_prob,
+            tie_word_embeddings=self.tie_word_embeddings,
+            use_cache=self.use_cache,
+        )
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not a transformers activation; choose one of "
+                f"{', '.join(sorted(k for k in ACT2FN if k.isidentifier()))}."
+            )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -183,24 +265,26 @@ class EngramMoEConfig(PreTrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
-        if self.n_shared_experts < 0:
-            raise ValueError(f"n_shared_experts must be >= 0, got {self.n_shared_experts}.")
+        if not _is_int(self.n_shared_experts) or self.n_shared_experts < 0:
+            raise ValueError(f"n_shared_experts must be an integer >= 0, got {self.n_shared_experts!r}.")
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts ({self.n_routed_experts})."
             )
-        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+        if not _is_int(self.first_k_dense_replace) or not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ValueError(
-                f"first_k_dense_replace must be in [0, num_hidden_layers={self.num_hidden_layers}], "
-                f"got {self.first_k_dense_replace}."
+                f"first_k_dense_replace must be an integer in [0, num_hidden_layers={self.num_hidden_layers}], "
+                f"got {self.first_k_dense_replace!r}."
             )
         if self.scoring_func not in ("softmax", "sigmoid"):
             raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {self.scoring_func!r}.")
-        for name in ("router_aux_loss_coef", "router_bias_update_rate", "routed_scaling_factor", "attention_dropout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
-        if "rope_theta" not in self.rope_parameters and self.rope_parameters.get("rope_type", "default") == "default":
-            raise ValueError("rope_parameters needs 'rope_theta'.")
+        if not isinstance(self.rope_parameters, dict):
+            raise ValueError(f"rope_parameters must be a dict, got {self.rope_parameters!r}.")
+        if self.rope_parameters.get("rope_type", "default") == "default":
+            theta = self.rope_parameters.get("rope_theta")
+            if theta is None:
+                raise ValueError("rope_parameters needs 'rope_theta'.")
+            positive_float(rope_theta=theta)
 
         for layer_id in self.engram_layer_ids:
             if not 0 <= layer_id < self.num_hidden_layers:
@@ -209,7 +293,7 @@ class EngramMoEConfig(PreTrainedConfig):
                 )
         if len(set(self.engram_layer_ids)) != len(self.engram_layer_ids):
             raise ValueError(f"engram_layer_ids has duplicates: {self.engram_layer_ids}.")
-        if not isinstance(self.engram_max_ngram_size, int) or self.engram_max_ngram_size < 2:
+        if not _is_int(self.engram_max_ngram_size) or self.engram_max_ngram_size < 2:
             raise ValueError(f"engram_max_ngram_size must be an integer >= 2, got {self.engram_max_ngram_size!r}.")
         if len(self.engram_vocab_size) != self.engram_max_ngram_size - 1:
             raise ValueError(
@@ -224,10 +308,24 @@ class EngramMoEConfig(PreTrainedConfig):
                 f"engram_n_embed_per_ngram ({self.engram_n_embed_per_ngram}) is not divisible by "
                 f"engram_n_head_per_ngram ({self.engram_n_head_per_ngram})."
             )
-        if self.engram_offload not in (None, "cpu", "disk"):
-            raise ValueError(f"engram_offload must be None, 'cpu' or 'disk', got {self.engram_offload!r}.")
-        if not 0 <= self.engram_pad_id < self.vocab_size:
-            raise ValueError(f"engram_pad_id ({self.engram_pad_id}) is outside the vocabulary [0, {self.vocab_size}).")
+        if self.engram_kernel_size < 2:
+            raise ValueError(
+                f"engram_kernel_size must be >= 2, got {self.engram_kernel_size}: a width-1 conv keeps no state "
+                "to carry between decoding steps."
+            )
+        if not _is_int(self.engram_seed) or self.engram_seed < 0:
+            raise ValueError(f"engram_seed must be an integer >= 0, got {self.engram_seed!r}.")
+        if self.engram_offload not in OFFLOAD_TIERS:
+            raise ValueError(f"engram_offload must be one of {OFFLOAD_TIERS}, got {self.engram_offload!r}.")
+        if not _is_int(self.engram_pad_id) or not 0 <= self.engram_pad_id < self.vocab_size:
+            raise ValueError(
+                f"engram_pad_id ({self.engram_pad_id!r}) is outside the vocabulary [0, {self.vocab_size})."
+            )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(_is_int(i) and 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"{name} ({value!r}) must be None or token ids in [0, {self.vocab_size}).")
 
     def to_dict(self):
         out = super().to_dict()

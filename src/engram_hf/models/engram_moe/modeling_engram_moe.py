@@ -1,8 +1,8 @@
 """Engram MoE causal LM: a DeepSeek-style MoE decoder with hyper-connections and Engram memory.
 
-Data flows one way: ids → canonical ids (+ left context) → hash ids per Engram layer → rows →
-fusion into the residual streams → backbone → logits. Hash ids for every Engram layer are computed
-once at the top of the forward, since they depend on token ids only.
+Data flows one way: ids → canonical ids (the compressor) → n-gram context (the cache) → row ids per
+Engram layer → rows → fusion into the residual streams → backbone → logits. Rows depend on token
+ids only, so offloaded tables start fetching them at the top of the forward, before any layer runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
-from transformers.masking_utils import create_causal_mask
+from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -25,13 +25,43 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 # Absolute imports: when a checkpoint is loaded with trust_remote_code, transformers copies this
 # file and its relative imports only; the Engram memory comes from the installed package.
+from engram_hf.compat import OUTPUT_CACHE_FIELD, causal_mask, resolve_cache
 from engram_hf.layers.norm import RMSNorm
-from engram_hf.memory.cache import EngramInputs
+from engram_hf.memory.cache import engram_inputs
 from engram_hf.memory.compression import TokenCompressor
 from engram_hf.memory.engram import EngramMemory
-from engram_hf.memory.hashing import NgramHasher
+from engram_hf.memory.hashing import HashBuffers, HashContract
+from engram_hf.offload.loading import engram_from_pretrained
 
 from .configuration_engram_moe import EngramMoEConfig
+
+# Keyword arguments that transformers' own callers pass to forward besides the named ones.
+# Anything else raises: an argument that would change results must never vanish into **kwargs.
+_PASSED_BY_TRANSFORMERS = {
+    "num_items_in_batch",  # Trainer: normalises the loss under gradient accumulation
+    "return_dict",  # generate, pipelines
+    "cache_position",  # generate on remote-code models (5.23); positions come from the cache and mask
+    "output_attentions",  # accepted only when false: attention weights are not returned
+    "output_router_logits",  # accepted only when false: router logits are not returned
+}
+
+
+def _check_forward_kwargs(kwargs: dict) -> None:
+    unknown = sorted(set(kwargs) - _PASSED_BY_TRANSFORMERS)
+    if unknown:
+        raise TypeError(
+            f"EngramMoE forward got unexpected keyword argument(s) {unknown}. It takes input_ids, attention_mask, "
+            "position_ids, cache (or past_key_values), inputs_embeds, labels, use_cache, output_hidden_states, "
+            "logits_to_keep, num_items_in_batch and return_dict."
+        )
+    for flag in ("output_attentions", "output_router_logits"):
+        if kwargs.get(flag):
+            raise ValueError(f"EngramMoE does not return {flag[len('output_') :]}; {flag}=True is not supported.")
+
+
+def _return_dict(kwargs: dict, config) -> bool:
+    flag = kwargs.get("return_dict")
+    return getattr(config, "return_dict", True) if flag is None else bool(flag)
 
 
 @dataclass
@@ -101,15 +131,15 @@ class EngramMoEAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None):
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = (t.unsqueeze(1) for t in position_embeddings)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -121,7 +151,6 @@ class EngramMoEAttention(nn.Module):
             attention_mask,
             dropout=self.config.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            **kwargs,
         )
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
 
@@ -246,10 +275,10 @@ class EngramMoEHyperConnection(nn.Module):
 
 # ----------------------------------------------------------------------------- decoder layer
 class EngramMoEDecoderLayer(GradientCheckpointingLayer):
-    def __init__(self, config: EngramMoEConfig, layer_idx: int):
+    def __init__(self, config: EngramMoEConfig, layer_idx: int, contract: HashContract):
         super().__init__()
         self.layer_idx = layer_idx
-        self.engram = EngramMemory(config, layer_idx) if layer_idx in config.engram_layer_ids else None
+        self.engram = EngramMemory(config, contract.layer(layer_idx)) if layer_idx in contract.layer_ids else None
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.self_attn = EngramMoEAttention(config, layer_idx)
         self.attn_hc = EngramMoEHyperConnection(config.hc_mult, 2 * layer_idx)
@@ -258,21 +287,21 @@ class EngramMoEDecoderLayer(GradientCheckpointingLayer):
         self.mlp = EngramMoESparseBlock(config) if self.is_moe else EngramMoEMLP(config, config.intermediate_size)
         self.mlp_hc = EngramMoEHyperConnection(config.hc_mult, 2 * layer_idx + 1)
 
+    # The hyper-connection weights are read through read_in/write_out, not a forward of their own.
+    @force_accelerate_hooks(["attn_hc", "mlp_hc"])
     def forward(
         self,
         streams: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        engram_inputs: EngramInputs | None = None,
+        engram_inputs=None,
         token_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        engram_enabled: bool = True,
-        **kwargs,
+        cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.engram is not None and engram_enabled:
-            streams = streams + self.engram(streams, engram_inputs, past_key_values)
+        if self.engram is not None and engram_inputs is not None:
+            streams = streams + self.engram(streams, engram_inputs, cache)
         x = self.input_layernorm(self.attn_hc.read_in(streams))
-        x = self.self_attn(x, position_embeddings, attention_mask, past_key_values, **kwargs)
+        x = self.self_attn(x, position_embeddings, attention_mask, cache)
         streams = self.attn_hc.write_out(streams, x)
         x = self.post_attention_layernorm(self.mlp_hc.read_in(streams))
         aux_loss = None
@@ -290,7 +319,7 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["EngramMoEDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -301,6 +330,11 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
     # embeddings); offloaded tables are no parameters at all, so their checkpoint keys are skipped.
     _no_placement_params = ["engram.table.weight"]
     _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight"]
+
+    def __init__(self, config: EngramMoEConfig, *args, **kwargs):
+        # Fields may have been changed since the config was built: check them again here.
+        config.validate()
+        super().__init__(config, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -325,7 +359,7 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, EngramMoEHyperConnection):
             for name, value in module.initial_values().items():
                 init.copy_(getattr(module, name), value)
-        elif isinstance(module, NgramHasher):
+        elif isinstance(module, HashBuffers):
             for name, value in module.expected_buffers().items():
                 init.copy_(getattr(module, name), value)
         elif isinstance(module, TokenCompressor):
@@ -338,74 +372,99 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, EngramMoERotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq()[0])
 
-    def save_pretrained(self, *args, **kwargs):
-        if any(isinstance(m, EngramMemory) and m.offloaded for m in self.modules()):
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' ``save_pretrained``, made atomic: the checkpoint is written beside the target
+        and swapped in whole, so a crash mid-write leaves the previous checkpoint loadable. Files in
+        the directory that the save does not produce (a tokenizer, a README) are kept."""
+        from engram_hf.utils import atomic_save_pretrained
+
+        if any(e.offloaded for e in self.engram_layers().values()):
             raise ValueError(
                 "This model's Engram tables are offloaded (not parameters), so a checkpoint would lack them. "
                 "Reload it without engram_offload to save it."
             )
-        return super().save_pretrained(*args, **kwargs)
+        if kwargs.get("push_to_hub"):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        save = super().save_pretrained
+        return atomic_save_pretrained(lambda tmp: save(tmp, *args, **kwargs), save_directory)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, engram_offload=None, engram_cache_rows=0, **kwargs):
         """transformers' ``from_pretrained`` plus where the Engram tables live:
 
-        * ``engram_offload=None``: tables are ordinary parameters (placed like any other).
+        * ``engram_offload=None``: tables are ordinary parameters, placed like any other (by
+          ``device_map`` too, which may leave them on the host: see ``_no_placement_params``).
         * ``"cpu"``: tables in host RAM (page-locked when a GPU is present); each forward gathers the
           rows it needs and copies only those to the compute device, prefetched in the background.
         * ``"disk"``: tables stay in the checkpoint's safetensors files, memory-mapped and never read
           whole; rows are read on demand. ``engram_cache_rows=N`` keeps up to N hot rows per table in
           a cache (on the compute device for ``"cpu"``, in RAM for ``"disk"``).
 
+        ``device_map``, ``max_memory`` and ``offload_folder`` place (and offload) the rest of the
+        model through accelerate, as for any transformers model; they combine with ``engram_offload``.
         Offloaded outputs are bit-identical to the resident model's. A table too large for its tier
         fails here, before any of it is read.
         """
-        from engram_hf.offload.loading import bind_offloaded_tables, check_table_memory, checkpoint_tables
-
-        if engram_offload is None:
-            # AutoModel* passes engram_offload through AutoConfig (it is a config field).
-            engram_offload = getattr(kwargs.get("config"), "engram_offload", None)
-        try:
-            tables = checkpoint_tables(pretrained_model_name_or_path, **kwargs)
-        except OSError:
-            if engram_offload is not None:
-                raise
-            tables = {}  # let transformers resolve (and report on) the checkpoint itself
-        if engram_offload is not None or kwargs.get("device_map") in (None, "cpu"):
-            # Resident tables placed on an accelerator are accelerate's to budget, not host RAM's.
-            check_table_memory(tables, engram_offload, engram_cache_rows)
-        if engram_offload is not None:
-            config = kwargs.pop("config", None)
-            if config is None:
-                config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
-            config.engram_offload = engram_offload
-            kwargs["config"] = config
-        elif engram_cache_rows:
-            raise ValueError("engram_cache_rows needs engram_offload='cpu' or 'disk'.")
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if engram_offload is not None:
-            bind_offloaded_tables(model, tables, engram_offload, engram_cache_rows)
-
+        model = engram_from_pretrained(
+            super().from_pretrained,
+            cls.config_class,
+            pretrained_model_name_or_path,
+            *args,
+            engram_offload=engram_offload,
+            engram_cache_rows=engram_cache_rows,
+            **kwargs,
+        )
         # Fail at load time, not at the first forward, if the stored compression table and the config
         # disagree on the number of canonical ids.
-        for module in model.modules():
-            if isinstance(module, TokenCompressor) and not module.lookup_table.is_meta:
-                module.validate()
+        compressor = model._engram_base().compressor
+        if not compressor.lookup_table.is_meta:
+            compressor.validate()
         return model
 
+    # ---- Engram tables: enumerated and bound here, never by reaching into attributes elsewhere.
+    def _engram_base(self) -> EngramMoEModel:
+        return getattr(self, self.base_model_prefix, self)
 
-def _hub_kwargs(kwargs: dict) -> dict:
-    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
-    return {k: kwargs[k] for k in keys if k in kwargs}
+    def engram_layers(self) -> dict[int, EngramMemory]:
+        """The Engram module of every Engram layer, by layer id."""
+        return self._engram_base()._engram_layers()
+
+    def engram_table_modules(self) -> dict[int, nn.Module]:
+        """Each Engram layer's table: an ``nn.Embedding``, or an ``OffloadedTable`` when offloaded."""
+        return {i: e.table for i, e in self.engram_layers().items()}
+
+    def engram_table_parameters(self) -> int:
+        """Elements in all Engram tables, resident or offloaded."""
+        return sum(e.table_parameters for e in self.engram_layers().values())
+
+    def bind_engram_stores(self, stores: dict, cache_rows: int = 0, cache_device="cpu") -> None:
+        """Attach a row store (``engram_hf.offload.stores``) to each offloaded table, by layer id."""
+        for layer, table in self.engram_table_modules().items():
+            if layer not in stores:
+                raise KeyError(f"No stored Engram table for layer {layer}.")
+            table.bind(stores[layer], cache_rows, cache_device)
+
+    @property
+    def hash_contract(self) -> HashContract:
+        """Where every n-gram's rows live (multipliers, primes, offsets, pad): see ``HashContract``."""
+        return self._engram_base().contract
+
+    def engram_fingerprint(self) -> str:
+        """Digest of the hash contract and the compression table: equal fingerprints, equal addressing."""
+        base = self._engram_base()
+        return base.contract.fingerprint(base.compressor.lookup_table)
 
 
 # ----------------------------------------------------------------------------- model
 class EngramMoEModel(EngramMoEPreTrainedModel):
     def __init__(self, config: EngramMoEConfig):
         super().__init__(config)
+        self.contract = HashContract.from_config(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.compressor = TokenCompressor(config.vocab_size, config.compressed_vocab_size)
-        self.layers = nn.ModuleList([EngramMoEDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.compressor = TokenCompressor(config.vocab_size, config.compressed_vocab_size, config.engram_pad_id)
+        self.layers = nn.ModuleList(
+            [EngramMoEDecoderLayer(config, i, self.contract) for i in range(config.num_hidden_layers)]
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = EngramMoERotaryEmbedding(config)
         self.gradient_checkpointing = False
@@ -413,95 +472,92 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
         self.engram_mask = False
         self.post_init()
 
-    @property
-    def engram_layers(self) -> dict[int, EngramMemory]:
-        return {i: self.layers[i].engram for i in self.config.engram_layer_ids}
+    def _engram_layers(self) -> dict[int, EngramMemory]:
+        return {i: self.layers[i].engram for i in self.contract.layer_ids}
 
     def engram_offload_stats(self) -> dict:
         """Per offloaded Engram layer: tier, bytes, prefetched vs synchronous lookups, cache hit rate."""
-        return {i: e.table.stats() for i, e in self.engram_layers.items() if e.offloaded}
+        return {i: e.table.stats() for i, e in self._engram_layers().items() if e.offloaded}
 
     def set_compression_table(self, table: torch.Tensor) -> None:
         """Install a tokenizer-compression table (see ``engram_hf.build_compression_table``)."""
         self.compressor.set_table(table)
 
-    def engram_inputs(
-        self,
-        input_ids: torch.LongTensor,
-        token_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-    ) -> EngramInputs | None:
-        """Validate the ids and bundle what every Engram layer needs to address its rows; with a
-        cache the n-gram context carries over between calls. Padded positions hash as the pad id,
-        so padding never reaches a real token's n-grams."""
-        cfg = self.config
-        if not cfg.engram_layer_ids:
+    def engram_inputs(self, input_ids: torch.LongTensor, token_mask: torch.Tensor | None = None, cache=None):
+        """Validate the ids, compress them, and bundle what every Engram layer needs to address its
+        rows; with a cache the n-gram context carries over between calls."""
+        if not self.contract.layer_ids:
             return None
-        self.compressor.check(input_ids)
-        lut = self.compressor.lookup_table
-        return EngramInputs.build(
-            input_ids, lut, lut[cfg.engram_pad_id], cfg.engram_max_ngram_size - 1, token_mask,
-            past_key_values, cfg.engram_layer_ids[0],
+        canonical, pad = self.compressor(input_ids, token_mask)
+        return engram_inputs(
+            canonical, pad, self.config.engram_max_ngram_size - 1, token_mask, cache, self.contract.layer_ids[0]
         )
 
-    def compute_hash_ids(self, input_ids: torch.LongTensor, token_mask: torch.Tensor | None = None) -> dict:
-        """Hash ids ``[B,T,(N-1)K]`` of every Engram layer for a sequence starting at ``input_ids``.
-        They depend on token ids only: this is what prefetching or inspecting rows uses."""
-        inputs = self.engram_inputs(input_ids, token_mask)
-        return {i: engram.hash(inputs) for i, engram in self.engram_layers.items()} if inputs else {}
+    def engram_row_ids(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> dict:
+        """Global row ids ``[B, T, (N-1)K]`` per Engram layer for sequences starting at ``input_ids``:
+        exactly the rows a forward reads. They depend on token ids only."""
+        inputs = self.engram_inputs(input_ids, attention_mask)
+        return {i: e.row_ids(inputs) for i, e in self._engram_layers().items()} if inputs is not None else {}
 
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> EngramMoEModelOutput:
+        _check_forward_kwargs(kwargs)
+        cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if input_ids is None and self.config.engram_layer_ids:
-            raise ValueError("Engram hashes token ids, so this model needs input_ids (inputs_embeds alone is not enough).")
+        if input_ids is None and self.contract.layer_ids:
+            raise ValueError(
+                "Engram hashes token ids, so this model needs input_ids (inputs_embeds alone is not enough)."
+            )
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
         if input_ids is not None and input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {list(input_ids.shape)}.")
+        if 0 in shape:
+            raise ValueError(f"The input is empty (shape {list(shape)}): give at least one token per sequence.")
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if not use_cache:
-            past_key_values = None
+            cache = None
 
-        B, T = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+        B, T = shape
         token_mask = None
         if attention_mask is not None and attention_mask.dim() == 2:
             if attention_mask.shape[0] != B or attention_mask.shape[1] < T:
-                raise ValueError(f"attention_mask {list(attention_mask.shape)} does not cover input of shape [{B}, {T}].")
+                raise ValueError(
+                    f"attention_mask {list(attention_mask.shape)} does not cover input of shape [{B}, {T}]."
+                )
             token_mask = attention_mask[:, -T:]
-        # Engram inputs first: this validates the ids before any lookup, and depends on nothing else.
-        engram_inputs = self.engram_inputs(input_ids, token_mask, past_key_values) if input_ids is not None else None
-        if engram_inputs is not None and not self.engram_mask:
-            for engram in self.engram_layers.values():
-                engram.prefetch(engram_inputs)  # offloaded tables: rows arrive while earlier layers run
+        # Engram inputs first: they validate the ids before any lookup, and depend on nothing else.
+        inputs = None
+        if input_ids is not None and not self.engram_mask:
+            inputs = self.engram_inputs(input_ids, token_mask, cache)
+            for engram in self._engram_layers().values():
+                engram.prefetch(inputs)  # offloaded tables: rows arrive while earlier layers run
+        elif input_ids is not None:
+            self.compressor.check(input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             if token_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -T:]
             else:
-                past = past_key_values.get_seq_length() if past_key_values is not None else 0
+                past = cache.get_seq_length() if cache is not None else 0
                 position_ids = torch.arange(past, past + T, device=inputs_embeds.device).unsqueeze(0)
 
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(self.config, inputs_embeds, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
 
         streams = inputs_embeds.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
@@ -513,24 +569,23 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
             streams, aux = layer(
                 streams,
                 position_embeddings,
-                attention_mask=causal_mask,
-                engram_inputs=engram_inputs,
+                attention_mask=mask,
+                engram_inputs=inputs,
                 token_mask=token_mask,
-                past_key_values=past_key_values,
-                engram_enabled=not self.engram_mask,
-                **kwargs,
+                cache=cache,
             )
             if aux is not None:
                 aux_losses.append(aux)
         hidden = self.norm(streams.sum(2))
         if all_hidden is not None:
             all_hidden.append(hidden)
-        return EngramMoEModelOutput(
+        out = EngramMoEModelOutput(
             last_hidden_state=hidden,
-            past_key_values=past_key_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
-            aux_loss=torch.stack(aux_losses).mean() if aux_losses else None,
+            aux_loss=torch.stack([a.to(hidden.device) for a in aux_losses]).mean() if aux_losses else None,
+            **{OUTPUT_CACHE_FIELD: cache},
         )
+        return out if _return_dict(kwargs, self.config) else out.to_tuple()
 
 
 class EngramMoEForCausalLM(EngramMoEPreTrainedModel, GenerationMixin):
@@ -556,6 +611,9 @@ class EngramMoEForCausalLM(EngramMoEPreTrainedModel, GenerationMixin):
     def engram_offload_stats(self) -> dict:
         return self.model.engram_offload_stats()
 
+    def engram_row_ids(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> dict:
+        return self.model.engram_row_ids(input_ids, attention_mask)
+
     @torch.no_grad()
     def update_router_biases(self) -> None:
         """Auxiliary-loss-free balancing step (DeepSeek-V3): nudge each router's expert bias by
@@ -574,23 +632,24 @@ class EngramMoEForCausalLM(EngramMoEPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
-    ) -> MoeCausalLMOutputWithPast:
+    ) -> MoeCausalLMOutputWithPast | tuple:
+        _check_forward_kwargs(kwargs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            **kwargs,
         )
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -598,16 +657,18 @@ class EngramMoEForCausalLM(EngramMoEPreTrainedModel, GenerationMixin):
         aux_loss = outputs.aux_loss
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch",) if k in kwargs}
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **loss_kwargs)
             if aux_loss is not None and self.config.router_aux_loss_coef > 0:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-        return MoeCausalLMOutputWithPast(
+        out = MoeCausalLMOutputWithPast(
             loss=loss,
             aux_loss=aux_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{OUTPUT_CACHE_FIELD: getattr(outputs, OUTPUT_CACHE_FIELD)},
         )
+        return out if _return_dict(kwargs, self.config) else out.to_tuple()
 
 
 __all__ = ["EngramMoEPreTrainedModel", "EngramMoEModel", "EngramMoEForCausalLM"]

@@ -11,22 +11,23 @@ import math
 
 import torch
 
+from ..inputs import NormParams, resolve_eps
+
 
 def inv_rms(x: torch.Tensor, eps: float | None) -> torch.Tensor:
     """``1 / sqrt(mean(x^2, -1) + eps)`` in float32 (one fused reduction over the last dim)."""
     x = x if x.dtype == torch.float32 else x.float()
-    eps = torch.finfo(torch.float32).eps if eps is None else eps
-    return (torch.linalg.vector_norm(x, dim=-1).square() / x.shape[-1] + eps).rsqrt()
+    return (torch.linalg.vector_norm(x, dim=-1).square() / x.shape[-1] + resolve_eps(eps)).rsqrt()
 
 
-def gate_value(key, hidden, value, key_norm_weight, query_norm_weight, key_eps=None, query_eps=None):
+def gate_value(key, hidden, value, key_norm: NormParams, query_norm: NormParams):
     """``α_m · v`` with ``α_m = σ(ssqrt(<RMSNorm(k_m), RMSNorm(h_m)> / sqrt(D)))``.
 
     key, hidden: ``[B, T, M, D]``; value: ``[B, T, D]``; norm weights ``[M, D]``. Returns ``[B, T, M, D]``.
     """
     D = key.shape[-1]
-    w = (key_norm_weight * query_norm_weight).to(key.dtype)
+    w = (key_norm.weight * query_norm.weight).to(key.dtype)
     s = torch.einsum("btmd,btmd->btm", key * w, hidden).float()
-    g = s * inv_rms(key, key_eps) * inv_rms(hidden, query_eps) / math.sqrt(D)
+    g = s * inv_rms(key, key_norm.eps) * inv_rms(hidden, query_norm.eps) / math.sqrt(D)
     g = g.abs().clamp_min(1e-6).sqrt() * g.sign()
     return g.sigmoid().to(value.dtype).unsqueeze(-1) * value.unsqueeze(2)

@@ -1,4 +1,9 @@
-"""Triton kernels: fused context-aware gate (both RMSNorms, dot, signed sqrt, sigmoid, value scale)."""
+"""Triton kernels: fused context-aware gate (both RMSNorms, dot, signed sqrt, sigmoid, value scale).
+
+One program per token. Rows are walked in chunks of at most ``MAX_BLOCK_D`` elements, so register
+use does not grow with the hidden size (whole 8192-wide rows in registers spill on Hopper). Offsets
+are int64: ``tokens * M * D`` passes 2^31 in one long-context prefill.
+"""
 
 from __future__ import annotations
 
@@ -8,48 +13,90 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backend import device_guard
+from ..inputs import resolve_eps
+
+MAX_BLOCK_D = 1024
+
+
+@triton.jit
+def _load_branch(k_ptr, h_ptr, wk_ptr, wq_ptr, base, w_base, c, keep):
+    """One chunk of one branch in float32: key, hidden state, and the product of both norm weights."""
+    k = tl.load(k_ptr + base + c, mask=keep, other=0.0).to(tl.float32)
+    h = tl.load(h_ptr + base + c, mask=keep, other=0.0).to(tl.float32)
+    wk = tl.load(wk_ptr + w_base + c, mask=keep, other=0.0).to(tl.float32)
+    wq = tl.load(wq_ptr + w_base + c, mask=keep, other=0.0).to(tl.float32)
+    return k, h, wk * wq
+
 
 @triton.jit
 def _gate_fwd(
-    k_ptr, h_ptr, v_ptr, wk_ptr, wq_ptr, out_ptr, stats_ptr,
-    D, eps_k, eps_q, inv_sqrt_d,
-    M: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_ptr,
+    h_ptr,
+    v_ptr,
+    wk_ptr,
+    wq_ptr,
+    out_ptr,
+    stats_ptr,
+    D,
+    eps_k,
+    eps_q,
+    inv_sqrt_d,
+    M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    tok = tl.program_id(0)
+    tok = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    keep = cols < D
-    v = tl.load(v_ptr + tok * D + cols, mask=keep, other=0.0).to(tl.float32)
     for m in tl.static_range(M):
         base = (tok * M + m) * D
-        k = tl.load(k_ptr + base + cols, mask=keep, other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + base + cols, mask=keep, other=0.0).to(tl.float32)
-        wk = tl.load(wk_ptr + m * D + cols, mask=keep, other=0.0).to(tl.float32)
-        wq = tl.load(wq_ptr + m * D + cols, mask=keep, other=0.0).to(tl.float32)
-        rk = 1.0 / tl.sqrt(tl.sum(k * k, axis=0) / D + eps_k)
-        rq = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps_q)
-        g = tl.sum((k * rk * wk) * (h * rq * wq), axis=0) * inv_sqrt_d
+        kk = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        hh = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        kh = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            keep = c < D
+            k, h, w = _load_branch(k_ptr, h_ptr, wk_ptr, wq_ptr, base, m * D, c, keep)
+            kk += k * k
+            hh += h * h
+            kh += w * k * h
+        rk = 1.0 / tl.sqrt(tl.sum(kk, axis=0) / D + eps_k)
+        rq = 1.0 / tl.sqrt(tl.sum(hh, axis=0) / D + eps_q)
+        g = tl.sum(kh, axis=0) * rk * rq * inv_sqrt_d
         mag = tl.sqrt(tl.maximum(tl.abs(g), 1e-6))
         z = tl.where(g > 0, mag, tl.where(g < 0, -mag, 0.0))
         alpha = 1.0 / (1.0 + tl.exp(-z))
-        tl.store(out_ptr + base + cols, (alpha * v).to(out_ptr.dtype.element_ty), mask=keep)
         sbase = (tok * M + m) * 4
         tl.store(stats_ptr + sbase + 0, rk)
         tl.store(stats_ptr + sbase + 1, rq)
         tl.store(stats_ptr + sbase + 2, g)
         tl.store(stats_ptr + sbase + 3, alpha)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            keep = c < D
+            v = tl.load(v_ptr + tok * D + c, mask=keep, other=0.0).to(tl.float32)
+            tl.store(out_ptr + base + c, (alpha * v).to(out_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
 def _gate_bwd(
-    dout_ptr, k_ptr, h_ptr, v_ptr, wk_ptr, wq_ptr, stats_ptr, dk_ptr, dh_ptr, dv_ptr, coef_ptr,
-    D, inv_sqrt_d,
-    M: tl.constexpr, BLOCK_D: tl.constexpr,
+    dout_ptr,
+    k_ptr,
+    h_ptr,
+    v_ptr,
+    wk_ptr,
+    wq_ptr,
+    stats_ptr,
+    dk_ptr,
+    dh_ptr,
+    dv_ptr,
+    coef_ptr,
+    D,
+    inv_sqrt_d,
+    M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    tok = tl.program_id(0)
+    tok = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    keep = cols < D
-    v = tl.load(v_ptr + tok * D + cols, mask=keep, other=0.0).to(tl.float32)
-    dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for m in tl.static_range(M):
         base = (tok * M + m) * D
         sbase = (tok * M + m) * 4
@@ -57,25 +104,44 @@ def _gate_bwd(
         rq = tl.load(stats_ptr + sbase + 1)
         g = tl.load(stats_ptr + sbase + 2)
         alpha = tl.load(stats_ptr + sbase + 3)
-        dout = tl.load(dout_ptr + base + cols, mask=keep, other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + base + cols, mask=keep, other=0.0).to(tl.float32)
-        h = tl.load(h_ptr + base + cols, mask=keep, other=0.0).to(tl.float32)
-        w = tl.load(wk_ptr + m * D + cols, mask=keep, other=0.0).to(tl.float32) * tl.load(
-            wq_ptr + m * D + cols, mask=keep, other=0.0
-        ).to(tl.float32)
-        dv += alpha * dout
-        dz = tl.sum(dout * v, axis=0) * alpha * (1.0 - alpha)
+        dv_dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        wkh = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            keep = c < D
+            dout = tl.load(dout_ptr + base + c, mask=keep, other=0.0).to(tl.float32)
+            v = tl.load(v_ptr + tok * D + c, mask=keep, other=0.0).to(tl.float32)
+            k, h, w = _load_branch(k_ptr, h_ptr, wk_ptr, wq_ptr, base, m * D, c, keep)
+            dv_dot += dout * v
+            wkh += w * k * h
+        dz = tl.sum(dv_dot, axis=0) * alpha * (1.0 - alpha)
         # d/dg [sign(g) sqrt(max(|g|, 1e-6))] = 1 / (2 sqrt|g|) where |g| >= 1e-6, else 0.
         absg = tl.abs(g)
         dg = tl.where((absg >= 1e-6) & (g != 0), dz * 0.5 / tl.sqrt(tl.maximum(absg, 1e-6)), 0.0)
-        s = tl.sum(w * k * h, axis=0)
+        s = tl.sum(wkh, axis=0)
         coef = dg * inv_sqrt_d * rk * rq
-        dk = coef * (w * h - s * rk * rk * k / D)
-        dh = coef * (w * k - s * rq * rq * h / D)
-        tl.store(dk_ptr + base + cols, dk, mask=keep)
-        tl.store(dh_ptr + base + cols, dh, mask=keep)
         tl.store(coef_ptr + tok * M + m, coef)
-    tl.store(dv_ptr + tok * D + cols, dv, mask=keep)
+        for d0 in range(0, D, BLOCK_D):
+            c = d0 + cols
+            keep = c < D
+            k, h, w = _load_branch(k_ptr, h_ptr, wk_ptr, wq_ptr, base, m * D, c, keep)
+            tl.store(dk_ptr + base + c, coef * (w * h - s * rk * rk * k / D), mask=keep)
+            tl.store(dh_ptr + base + c, coef * (w * k - s * rq * rq * h / D), mask=keep)
+    # The shared value's gradient sums the branches: dv = Σ_m α_m dout_m.
+    for d0 in range(0, D, BLOCK_D):
+        c = d0 + cols
+        keep = c < D
+        dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for m in tl.static_range(M):
+            alpha = tl.load(stats_ptr + (tok * M + m) * 4 + 3)
+            dv += alpha * tl.load(dout_ptr + (tok * M + m) * D + c, mask=keep, other=0.0).to(tl.float32)
+        tl.store(dv_ptr + tok * D + c, dv, mask=keep)
+
+
+def launch_config(D: int) -> dict:
+    """Block and warp count for a row of ``D``: about 8 float32 per thread per tensor."""
+    block = min(triton.next_power_of_2(D), MAX_BLOCK_D)
+    return dict(BLOCK_D=block, num_warps=max(1, min(8, block // 256)))
 
 
 class GateFunction(torch.autograd.Function):
@@ -85,13 +151,23 @@ class GateFunction(torch.autograd.Function):
         key, hidden, value = key.contiguous(), hidden.contiguous(), value.contiguous()
         out = torch.empty_like(key, dtype=torch.result_type(key, value))
         stats = torch.empty(B * T, M, 4, device=key.device, dtype=torch.float32)
-        eps_k = torch.finfo(torch.float32).eps if eps_k is None else eps_k
-        eps_q = torch.finfo(torch.float32).eps if eps_q is None else eps_q
         if B * T:
-            _gate_fwd[(B * T,)](
-                key, hidden, value, wk.contiguous(), wq.contiguous(), out, stats,
-                D, eps_k, eps_q, 1.0 / math.sqrt(D), M=M, BLOCK_D=triton.next_power_of_2(D),
-            )
+            with device_guard(key):
+                _gate_fwd[(B * T,)](
+                    key,
+                    hidden,
+                    value,
+                    wk.contiguous(),
+                    wq.contiguous(),
+                    out,
+                    stats,
+                    D,
+                    resolve_eps(eps_k),
+                    resolve_eps(eps_q),
+                    1.0 / math.sqrt(D),
+                    M=M,
+                    **launch_config(D),
+                )
         ctx.save_for_backward(key, hidden, value, wk, wq, stats)
         return out
 
@@ -103,13 +179,33 @@ class GateFunction(torch.autograd.Function):
         dk, dh = torch.empty(key.shape, **f32), torch.empty(key.shape, **f32)
         dv, coef = torch.empty(B, T, D, **f32), torch.empty(B, T, M, **f32)
         if B * T:
-            _gate_bwd[(B * T,)](
-                dout.contiguous(), key, hidden, value, wk.contiguous(), wq.contiguous(), stats, dk, dh, dv, coef,
-                D, 1.0 / math.sqrt(D), M=M, BLOCK_D=triton.next_power_of_2(D),
-            )
+            with device_guard(key):
+                _gate_bwd[(B * T,)](
+                    dout.contiguous(),
+                    key,
+                    hidden,
+                    value,
+                    wk.contiguous(),
+                    wq.contiguous(),
+                    stats,
+                    dk,
+                    dh,
+                    dv,
+                    coef,
+                    D,
+                    1.0 / math.sqrt(D),
+                    M=M,
+                    **launch_config(D),
+                )
         # The norm weights' gradients are reductions over tokens: one einsum each.
         dw = torch.einsum("btm,btmd->md", coef, key.float() * hidden.float())
         dwk, dwq = dw * wq.float(), dw * wk.float()
         return (
-            dk.to(key.dtype), dh.to(hidden.dtype), dv.to(value.dtype), dwk.to(wk.dtype), dwq.to(wq.dtype), None, None
+            dk.to(key.dtype),
+            dh.to(hidden.dtype),
+            dv.to(value.dtype),
+            dwk.to(wk.dtype),
+            dwq.to(wq.dtype),
+            None,
+            None,
         )

@@ -1,25 +1,24 @@
-"""Fused compression + n-gram hashing + row gather: ids → ``e_t``."""
+"""Fused n-gram hashing + row gather: canonical ids → ``e_t``."""
 
 from __future__ import annotations
 
-import torch
-
 from ..backend import use_triton
+from ..inputs import EngramInputs, HashParams
 from . import naive
+from .naive import hash_rows
 
 
-def hash_gather(ids, lut, prefix, mask, pad, multipliers, moduli, offsets, weight, sparse_grad=False):
-    """Raw token ids ``[B, T]`` → (``e_t`` ``[B, T, H*d]``, global row ids ``[B, T, H]``).
+def hash_gather(inputs: EngramInputs, hashing: HashParams, weight, sparse_grad: bool = False):
+    """Canonical ids → (``e_t`` ``[B, T, H*d]``, global row ids ``[B, T, H]``).
 
-    ``lut`` maps raw to canonical ids, ``prefix`` ``[B, N-1]`` holds the canonical ids before the
-    first position (pads at a sequence start), masked positions hash as ``pad`` (a 0-dim tensor).
+    ``inputs.prefix`` holds the canonical ids before the first position (pads at a sequence start).
     The table gradient is sparse by rows when ``sparse_grad``.
     """
     if use_triton(weight):
         from .triton import HashGatherFunction
 
-        return HashGatherFunction.apply(weight, ids, lut, prefix, mask, pad, multipliers, moduli, offsets, sparse_grad)
-    return naive.hash_gather(ids, lut, prefix, mask, pad, multipliers, moduli, offsets, weight, sparse_grad)
+        return HashGatherFunction.apply(weight, inputs, hashing, sparse_grad)
+    return naive.hash_gather(inputs, hashing, weight, sparse_grad)
 
 
-__all__ = ["hash_gather"]
+__all__ = ["hash_gather", "hash_rows"]

@@ -1,24 +1,24 @@
-"""Pure-torch twin of the fused hash + gather kernel."""
+"""Pure-torch twin of the fused hash + gather kernel, and the one torch implementation of hashing."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-
-def canonical_history(ids, lut, prefix, mask, pad) -> torch.LongTensor:
-    """``[B, n_ctx + T]``: the canonical context ``prefix`` then the canonical ids (pad where masked)."""
-    canonical = lut[ids]
-    if mask is not None:
-        canonical = torch.where(mask.bool(), canonical, pad)
-    return torch.cat([prefix, canonical], dim=1)
+from ..inputs import EngramInputs, HashParams
 
 
-def hash_rows(ids, lut, prefix, mask, pad, multipliers, moduli) -> torch.LongTensor:
-    """Row index inside each head's table, ``[B, T, H]`` ordered (order 2 heads, order 3 heads, ...)."""
-    history = canonical_history(ids, lut, prefix, mask, pad)
+def hash_rows(inputs: EngramInputs, hashing: HashParams) -> torch.LongTensor:
+    """Row index inside each head's table, ``[B, T, H]``, heads ordered (order 2 heads, order 3 heads, ...).
+
+    For order ``n`` the n-gram ending at ``t`` mixes ``x[t-k] * m_k`` with XOR over ``k < n``; head
+    ``j`` takes ``mix mod p_j``. int64 throughout: products cannot overflow, since multipliers are
+    drawn below ``int64_max // compressed_vocab_size``.
+    """
+    history = inputs.history()
+    multipliers, moduli = hashing.multipliers, hashing.moduli
     n = multipliers.shape[0]
-    n_ctx, T = n - 1, ids.shape[1]
+    n_ctx, T = n - 1, inputs.ids.shape[1]
     n_head = moduli.shape[0] // n_ctx
     mix = history[:, n_ctx:] * multipliers[0]
     blocks = []
@@ -28,9 +28,9 @@ def hash_rows(ids, lut, prefix, mask, pad, multipliers, moduli) -> torch.LongTen
     return torch.cat(blocks, dim=-1)
 
 
-def hash_gather(ids, lut, prefix, mask, pad, multipliers, moduli, offsets, weight, sparse_grad=False):
+def hash_gather(inputs: EngramInputs, hashing: HashParams, weight: torch.Tensor, sparse_grad: bool = False):
     """Returns ``(e, rows)``: ``e`` ``[B, T, H*d]`` the concatenated rows, ``rows`` ``[B, T, H]`` their
     global indices (offsets added)."""
-    rows = hash_rows(ids, lut, prefix, mask, pad, multipliers, moduli) + offsets
+    rows = hash_rows(inputs, hashing) + hashing.offsets
     e = F.embedding(rows.to(weight.device), weight, sparse=sparse_grad)
     return e.flatten(-2), rows
