@@ -21,8 +21,9 @@ from conftest import GOLDEN_DIR, SHARED, engram_inputs_for, need_shared
 CASES = sorted(p.with_suffix("") for p in GOLDEN_DIR.glob("*.json") if p.with_suffix(".safetensors").exists())
 
 
-@pytest.fixture(params=CASES, ids=lambda p: p.name)
+@pytest.fixture(params=CASES or [GOLDEN_DIR / "missing"], ids=lambda p: p.name)
 def case(request):
+    need_shared(request.param.with_suffix(".json"), "A golden reference case")
     meta = json.loads(request.param.with_suffix(".json").read_text())
     tensors = load_file(str(request.param.with_suffix(".safetensors")))
     return request.param.name, meta, tensors

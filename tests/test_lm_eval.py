@@ -6,7 +6,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from conftest import GPT2_DIR, tiny_model  # noqa: E402
+from conftest import GPT2_DIR, need_shared, tiny_model  # noqa: E402
 
 QUESTIONS = [
     ("The capital of France is", ["Paris", "Rome", "Berlin", "Madrid"], 0),
@@ -49,8 +49,7 @@ def _evaluate(model, tokenizer, task_dir):
 
 
 def test_lm_eval_resident_and_disk_offloaded_agree(task_dir, tmp_path, monkeypatch):
-    if not GPT2_DIR.is_dir():
-        pytest.skip("GPT-2 tokenizer not available")
+    need_shared(GPT2_DIR, "The GPT-2 tokenizer")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
