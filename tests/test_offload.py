@@ -296,3 +296,30 @@ def test_explicit_device_map_with_cpu_and_disk_layers(wide_ckpt, tmp_path):
     ids, mask = _batch()
     with torch.no_grad():
         assert torch.equal(model(ids, attention_mask=mask).logits, resident(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("tier", [None, "cpu", "disk"])
+def test_rows_read_and_written_alike_on_every_tier(ckpt, tier):
+    """write_rows on an offloaded table serves the new rows (and nothing else changes); the stored
+    file is never written, and clearing the patches restores the original logits exactly."""
+    kwargs = dict(engram_offload=tier, engram_cache_rows=16) if tier == "disk" else dict(engram_offload=tier)
+    resident = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, **kwargs).eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+    rows = model.engram_row_ids(ids, mask)[2][0, 5]  # the rows one position of layer 2 reads
+    new = torch.randn(rows.shape[0], 8, generator=torch.Generator().manual_seed(0))
+    stored = resident.engram_layers()[2].table.weight[rows].detach().clone()
+    for m in (model, resident):
+        engram = m.engram_layers()[2]
+        assert torch.equal(engram.read_rows(rows), stored)
+        engram.write_rows(rows, new)
+        assert torch.equal(engram.read_rows(rows), new)
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, resident(ids, attention_mask=mask).logits)
+        assert not torch.equal(model(ids, attention_mask=mask).logits, before)
+    if tier is not None:
+        model.engram_layers()[2].table.clear_patches()
+        with torch.no_grad():
+            assert torch.equal(model(ids, attention_mask=mask).logits, before)

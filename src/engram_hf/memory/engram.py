@@ -75,6 +75,28 @@ class EngramMemory(nn.Module):
         """Elements of this layer's table, wherever it lives (resident or offloaded)."""
         return self.num_table_rows * self.head_dim
 
+    @torch.no_grad()
+    def read_rows(self, rows: torch.LongTensor) -> torch.Tensor:
+        """A copy of table rows ``[n, head_dim]`` (global row ids), wherever the table lives."""
+        rows = rows.reshape(-1).long()
+        if self.offloaded:
+            return self.table(rows.cpu()).clone()
+        return self.table.weight[rows.to(self.table.weight.device)].detach().clone()
+
+    @torch.no_grad()
+    def write_rows(self, rows: torch.LongTensor, values: torch.Tensor) -> None:
+        """Set table rows (global row ids). A resident table is written in place; an offloaded one
+        serves the new values as patches and leaves its stored file untouched."""
+        rows = rows.reshape(-1).long()
+        values = values.reshape(rows.shape[0], self.head_dim)
+        if not 0 <= int(rows.min()) <= int(rows.max()) < self.num_table_rows:
+            raise IndexError(f"Row ids must be in [0, {self.num_table_rows}) for layer {self.layer_idx}.")
+        if self.offloaded:
+            self.table.patch_rows(rows, values)
+        else:
+            w = self.table.weight
+            w[rows.to(w.device)] = values.to(w.device, w.dtype)
+
     def row_ids(self, inputs: EngramInputs) -> torch.LongTensor:
         """Global row ids ``[B, T, (N-1)K]`` in the stacked table: which rows each position reads."""
         return ops.hash_rows(inputs, self.hasher.params()) + self.hasher.offsets

@@ -40,6 +40,9 @@ class OffloadedTable(nn.Module):
         self._pending: tuple[torch.Tensor, torch.Tensor, Future] | None = None
         self.prefetched = 0
         self.synchronous = 0
+        # Patched rows (sorted ids, values): served instead of the store's rows, which stay untouched.
+        self._patch_rows: torch.LongTensor | None = None
+        self._patch_values: torch.Tensor | None = None
 
     def bind(self, store: RowStore, cache_rows: int = 0, cache_device="cpu") -> None:
         if (store.num_rows, store.dim) != (self.num_embeddings, self.embedding_dim):
@@ -62,6 +65,7 @@ class OffloadedTable(nn.Module):
             raise RuntimeError("Offloaded Engram table has no store bound (load it with from_pretrained).")
         unique = unique.cpu()
         values = self.cache.gather(unique) if self.cache is not None else self.store.gather(unique)
+        values = self._apply_patches(unique, values)
         if device.type == "cuda":
             values = values.pin_memory() if not values.is_pinned() and values.device.type == "cpu" else values
             stream = torch.cuda.Stream(device)
@@ -97,7 +101,7 @@ class OffloadedTable(nn.Module):
             # CPU compute reading RAM or the page cache: gather straight from the store.
             self.synchronous += 1
             self.store.check_unchanged()
-            return F.embedding(rows, self.store.table)
+            return self._apply_patches(rows, F.embedding(rows, self.store.table))
         else:
             unique, inverse = torch.unique(rows, return_inverse=True)
             values, event = self._fetch(unique, rows.device)
@@ -107,6 +111,41 @@ class OffloadedTable(nn.Module):
             stream.wait_event(event)
             values.record_stream(stream)  # allocated on the copy stream, consumed on this one
         return values[inverse]
+
+    @torch.no_grad()
+    def patch_rows(self, rows: torch.LongTensor, values: torch.Tensor) -> None:
+        """Serve ``values`` for ``rows`` from now on (a later patch of a row wins). The store, and so
+        the checkpoint file, is never written: ``clear_patches`` restores the stored rows exactly."""
+        rows = rows.reshape(-1).long().cpu()
+        values = values.reshape(rows.shape[0], self.embedding_dim).detach().to("cpu", self.store.dtype)
+        if self._patch_rows is not None:
+            rows = torch.cat([self._patch_rows, rows])
+            values = torch.cat([self._patch_values, values])
+        # Keep the last value written for each row.
+        order = torch.arange(rows.shape[0])
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        last = torch.full((uniq.shape[0],), -1, dtype=torch.long).scatter_reduce(0, inverse, order, "amax")
+        self._patch_rows, self._patch_values = uniq, values[last].clone()
+
+    def clear_patches(self) -> None:
+        self._patch_rows = self._patch_values = None
+
+    @property
+    def patched_rows(self) -> torch.LongTensor:
+        return self._patch_rows if self._patch_rows is not None else torch.empty(0, dtype=torch.long)
+
+    def _apply_patches(self, rows: torch.LongTensor, values: torch.Tensor) -> torch.Tensor:
+        if self._patch_rows is None:
+            return values
+        flat = rows.reshape(-1).cpu()
+        idx = torch.searchsorted(self._patch_rows, flat).clamp_max(self._patch_rows.shape[0] - 1)
+        hit = self._patch_rows[idx] == flat
+        if not bool(hit.any()):
+            return values
+        values = values.clone()
+        out = values.view(-1, self.embedding_dim)
+        out[hit.to(out.device)] = self._patch_values[idx[hit]].to(out.device, out.dtype)
+        return values
 
     def stats(self) -> dict:
         out = {
