@@ -1,7 +1,7 @@
 """Every Triton kernel against its pure-torch twin, outputs and gradients, fp32 and bf16.
 
-On CPU the kernels run under Triton's interpreter: set TRITON_INTERPRET=1 before Python starts
-(CI does); without it and without a GPU these tests are skipped.
+On CPU the kernels run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when
+there is no GPU); with a GPU they run natively on it (``benchmarks/gpu_check.sh``).
 """
 
 import os
@@ -21,6 +21,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 from engram_hf.ops.gate.triton import GateFunction  # noqa: E402
 from engram_hf.ops.hash_gather.triton import HashGatherFunction, table_grad_rows  # noqa: E402
+from engram_hf.ops.launch import SEGMENT_CHUNK  # noqa: E402
 from engram_hf.ops.short_conv import triton as conv_triton  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
@@ -140,8 +141,8 @@ def test_short_conv_decode_step_matches_twin_and_shifts_state(M, D, K, dil):
 def test_model_under_triton_backend_matches_torch_backend_and_caches():
     from transformers import DynamicCache
 
-    m = tiny_model()
-    ids = torch.randint(2, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    m = tiny_model().to(DEVICE)
+    ids = torch.randint(2, 97, (2, 11), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     with torch.no_grad():
@@ -159,11 +160,82 @@ def test_model_under_triton_backend_matches_torch_backend_and_caches():
 
 
 def test_model_gradients_under_triton_backend():
-    a, b = tiny_model(), tiny_model()
-    ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    a, b = tiny_model().to(DEVICE), tiny_model().to(DEVICE)
+    ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     with use_backend("torch"):
         a(ids, labels=ids).loss.backward()
     with use_backend("triton"):
         b(ids, labels=ids).loss.backward()
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("layout", ["cropped", "transposed", "batch-strided"])
+def test_decode_step_on_a_strided_state_view(layout):
+    """The cache hands the step views (a crop of a longer state, a transposed buffer, every other
+    batch row): the kernel must address the state through its strides and leave the rest alone."""
+    g = torch.Generator().manual_seed(5)
+    B, M, D, K, dil = 2, 2, 8, 4, 3
+    C, S = M * D, (K - 1) * dil
+    nw = (torch.rand(M, D, generator=g) + 0.5).to(DEVICE)
+    cw = torch.randn(C, 1, K, generator=g).to(DEVICE)
+    conv = ConvParams(NormParams(nw, 1e-5), cw, dil)
+    if layout == "cropped":
+        backing = torch.randn(B, C, S + 5, generator=g).to(DEVICE)
+        state = backing[:, :, 3 : 3 + S]
+    elif layout == "transposed":
+        backing = torch.randn(B, S, C, generator=g).to(DEVICE)
+        state = backing.transpose(1, 2)
+    else:
+        backing = torch.randn(2 * B, C, S, generator=g).to(DEVICE)
+        state = backing[::2]
+    assert not state.is_contiguous()
+    outside = backing.clone()
+    twin = state.clone()
+    for _ in range(3):
+        x = torch.randn(B, 1, M, D, generator=g).to(DEVICE)
+        y = conv_triton.short_conv_step(x, conv, None, state)
+        y_t = conv_naive.short_conv_step(x, conv, None, twin)
+        torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, twin, rtol=1e-5, atol=1e-5)
+    # Everything of the backing buffer outside the view is untouched.
+    outside_view = outside.clone()
+    if layout == "cropped":
+        outside_view[:, :, 3 : 3 + S] = backing[:, :, 3 : 3 + S]
+    elif layout == "batch-strided":
+        outside_view[::2] = backing[::2]
+    else:
+        outside_view = backing
+    assert torch.equal(backing, outside_view)
+
+
+def test_width_one_conv_keeps_no_state():
+    """kernel_size=1 is refused by the config, but the op itself must not write outside an empty state."""
+    g = torch.Generator().manual_seed(6)
+    B, M, D = 2, 1, 8
+    nw = torch.ones(M, D).to(DEVICE)
+    cw = torch.randn(M * D, 1, 1, generator=g).to(DEVICE)
+    backing = torch.zeros(B, M * D, 1).to(DEVICE)
+    state = backing[:, :, :0]
+    x = torch.randn(B, 1, M, D, generator=g).to(DEVICE)
+    y = conv_triton.short_conv_step(x, ConvParams(NormParams(nw, 1e-5), cw, 2), None, state)
+    torch.testing.assert_close(y, conv_naive.short_conv(x, ConvParams(NormParams(nw, 1e-5), cw, 2))[0])
+    assert torch.equal(backing, torch.zeros_like(backing))
+
+
+def test_hot_row_backward_is_split_into_chunks_and_deterministic():
+    """The pad n-grams of a padded batch hit one row thousands of times: its gradient is summed in
+    chunks of SEGMENT_CHUNK lookups, then over the chunks, and must equal a float64 sum, bit for bit
+    from run to run."""
+    g = torch.Generator().manual_seed(7)
+    hot = 3000 + 7  # not a multiple of the chunk: a short last chunk
+    assert hot > 50 * SEGMENT_CHUNK
+    rows = torch.cat([torch.full((hot,), 11), torch.randint(0, 40, (500,), generator=g), torch.tensor([39, 0])])
+    rows = rows[torch.randperm(rows.shape[0], generator=g)].to(DEVICE)
+    grads = torch.randn(rows.shape[0], 24, generator=g).to(DEVICE)
+    unique, summed = table_grad_rows(rows, grads)
+    expected = torch.zeros(40, 24, dtype=torch.float64, device=DEVICE).index_add_(0, rows, grads.double())
+    assert unique.tolist() == sorted(set(rows.tolist()))
+    torch.testing.assert_close(summed.double(), expected[unique], rtol=1e-6, atol=1e-4)
+    again = table_grad_rows(rows, grads)[1]
+    assert torch.equal(summed, again), "the sum order is fixed: identical bits on every run"

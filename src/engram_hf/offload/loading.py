@@ -102,7 +102,11 @@ def cache_bytes(tables: dict[int, TableInfo], cache_rows: int) -> int:
 
 
 def host_bytes(tables: dict[int, TableInfo], tier: str | None, cache_rows: int = 0) -> int:
-    """Host RAM the tables need on their tier: whole tables unless on disk, where only the cache counts."""
+    """Host RAM the tables need on their tier: whole tables unless on disk, where only the cache counts.
+
+    A host table is held once: read from its file into RAM, then page-locked in place when a GPU is
+    present (``stores.pin_in_place``), not copied into a second, pinned buffer. (A "cpu" table's
+    hot-row cache lives on the compute device, not here.)"""
     return cache_bytes(tables, cache_rows) if tier == "disk" else sum(t.nbytes for t in tables.values())
 
 

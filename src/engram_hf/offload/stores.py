@@ -12,6 +12,7 @@ import mmap
 import os
 import struct
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -61,22 +62,65 @@ class RowStore:
     def check_unchanged(self) -> None:
         """Raise if the backing storage changed since the store was opened (disk stores check)."""
 
-    def gather(self, rows: torch.LongTensor) -> torch.Tensor:
+    def gather(self, rows: torch.LongTensor, pin: bool = False) -> torch.Tensor:
+        """Rows → a new ``[n, dim]`` tensor, in page-locked memory when ``pin`` (for an
+        asynchronous copy to a GPU straight from it)."""
         raise NotImplementedError
 
 
+def gather_rows(table: torch.Tensor, rows: torch.LongTensor, pin: bool) -> torch.Tensor:
+    """``table[rows]`` written straight into a new (pinned, if asked) buffer: no pageable copy in
+    between. Pinned buffers come from torch's caching host allocator, which reuses one only after
+    the copies reading it have finished."""
+    out = torch.empty(rows.shape[0], table.shape[1], dtype=table.dtype, pin_memory=pin)
+    return torch.index_select(table, 0, rows, out=out)
+
+
+def pin_in_place(tensor: torch.Tensor) -> bool:
+    """Page-lock a host tensor's memory where it lies (``cudaHostRegister``), so GPU copies read it
+    asynchronously, without the second, pinned copy ``tensor.pin_memory()`` would make (rounded up
+    to a power of two by torch's pinned allocator: up to twice the table again). The registration
+    is dropped by ``unpin`` (the store does so when it is freed, before the tensor's memory).
+    Returns False, with a warning, if the driver refuses: copies then stay correct but synchronous.
+    """
+    if not tensor.is_contiguous() or tensor.device.type != "cpu":
+        raise ValueError("pin_in_place needs a contiguous host tensor.")
+    if tensor.numel() == 0:
+        return False
+    cudart = torch.cuda.cudart()
+    try:
+        torch.cuda.check_error(cudart.cudaHostRegister(tensor.data_ptr(), tensor.nbytes, 0))
+    except RuntimeError as e:  # torch.cuda.CudaError
+        warnings.warn(
+            f"Could not page-lock the {tensor.nbytes / 2**30:.2f} GiB Engram table in place ({e}); row copies "
+            "to the GPU will be synchronous.",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def unpin(ptr: int) -> None:
+    torch.cuda.check_error(torch.cuda.cudart().cudaHostUnregister(ptr))
+
+
 class HostRowStore(RowStore):
-    """The whole table in host RAM (page-locked when a GPU is present, for asynchronous copies)."""
+    """The whole table in host RAM, page-locked in place when a GPU is present (asynchronous
+    copies), so the table is held once: what ``loading.check_table_memory`` budgets."""
 
     tier = "cpu"
 
     def __init__(self, table: torch.Tensor, pin: bool | None = None):
         super().__init__(table.shape[0], table.shape[1], table.dtype)
         pin = torch.cuda.is_available() if pin is None else pin
-        self.table = table.pin_memory() if pin and not table.is_pinned() else table
+        self.table = table.contiguous()
+        self.registered = bool(pin) and not self.table.is_pinned() and pin_in_place(self.table)
+        if self.registered:
+            # Runs when the store is freed, before the table it holds: registered memory is never freed.
+            weakref.finalize(self, unpin, self.table.data_ptr())
 
-    def gather(self, rows):
-        return self.table.index_select(0, rows)
+    def gather(self, rows, pin=False):
+        return gather_rows(self.table, rows, pin)
 
 
 class DiskRowStore(RowStore):
@@ -125,9 +169,9 @@ class DiskRowStore(RowStore):
                 "its Engram table rows can no longer be trusted. Reload the model."
             )
 
-    def gather(self, rows):
+    def gather(self, rows, pin=False):
         self.check_unchanged()
-        return self.table.index_select(0, rows)
+        return gather_rows(self.table, rows, pin)
 
 
 class RowCache:
@@ -152,18 +196,25 @@ class RowCache:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
 
-    def gather(self, rows: torch.LongTensor) -> torch.Tensor:
-        """Unique rows (CPU int64) → their values, on the cache's device."""
+    def gather(self, rows: torch.LongTensor, pin: bool = False) -> torch.Tensor:
+        """Unique rows (CPU int64) → their values, on the cache's device (pinned if ``pin`` and on
+        the host). Callers serialise calls (``table._FETCH_LOCK``); on a GPU they run on one stream."""
         device = self.data.device
         slots = (rows % self.capacity).to(device)
         hit = self.tags[slots] == rows.to(device)
-        out = torch.empty(rows.shape[0], self.store.dim, dtype=self.store.dtype, device=device)
+        out = torch.empty(
+            rows.shape[0],
+            self.store.dim,
+            dtype=self.store.dtype,
+            device=device,
+            pin_memory=pin and device.type == "cpu",
+        )
         out[hit] = self.data[slots[hit]]
         miss = ~hit
         n_miss = int(miss.sum())
         if n_miss:
             miss_rows = rows[miss.cpu()]
-            values = self.store.gather(miss_rows).to(device, non_blocking=True)
+            values = self.store.gather(miss_rows, pin=device.type == "cuda").to(device, non_blocking=True)
             out[miss] = values
             # Several missing rows may share a slot: install exactly one of them (the first), so a
             # slot's tag and data always describe the same row.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -15,11 +16,37 @@ from .stores import RowCache, RowStore
 _EXECUTOR: ThreadPoolExecutor | None = None
 
 
+# Fetches hold this lock: a synchronous fetch on the main thread (a lookup no prefetch foresaw)
+# must not fill a hot-row cache while the worker fills it. The one worker serialises background
+# fetches anyway, so a lock shared by every table costs no parallelism.
+_FETCH_LOCK = threading.Lock()
+# Per CUDA device, the one side stream every fetch runs on: cache lookups and fills and
+# host-to-device copies are ordered among themselves and overlap the compute stream.
+_COPY_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
 def _executor() -> ThreadPoolExecutor:
     global _EXECUTOR
     if _EXECUTOR is None:
         _EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engram-prefetch")
     return _EXECUTOR
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _COPY_STREAMS:
+        _COPY_STREAMS[index] = torch.cuda.Stream(index)
+    return _COPY_STREAMS[index]
+
+
+def _ready_event(rows: torch.Tensor):
+    """An event on the caller's current stream once ``rows`` is computed (None on CPU): the fetch's
+    stream waits on it instead of on the whole default stream."""
+    if not rows.is_cuda:
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(rows.device))
+    return event
 
 
 class OffloadedTable(nn.Module):
@@ -60,21 +87,47 @@ class OffloadedTable(nn.Module):
             "without engram_offload to train or save it."
         )
 
-    def _fetch(self, unique: torch.LongTensor, device: torch.device) -> torch.Tensor:
+    def _fetch(self, rows: torch.LongTensor, ready=None):
+        """``rows`` (any shape, on the compute device) → (values of the unique rows and the inverse
+        index, both on ``rows.device``, and a CUDA event that marks them ready, or None).
+
+        On CUDA every step runs on the device's copy stream, after ``ready`` (rows computed): the
+        unique rows (its sync waits for that stream only, in whichever thread runs this), the
+        hot-row cache's lookup and fill, the gather from the host table into pinned memory and the
+        asynchronous copy to the device. The consumer waits on the returned event, whatever stream
+        it computes on.
+        """
         if self.store is None:
             raise RuntimeError("Offloaded Engram table has no store bound (load it with from_pretrained).")
-        unique = unique.cpu()
-        values = self.cache.gather(unique) if self.cache is not None else self.store.gather(unique)
+        device = rows.device
+        cache_cuda = self.cache is not None and self.cache.data.is_cuda
+        cuda = device if device.type == "cuda" else self.cache.data.device if cache_cuda else None
+        if cuda is None:
+            unique, inverse = torch.unique(rows, return_inverse=True)
+            with _FETCH_LOCK:
+                return self._gather(unique, pin=False), inverse, None
+        stream = _copy_stream(cuda)
+        with _FETCH_LOCK, torch.cuda.device(cuda), torch.cuda.stream(stream):
+            if ready is not None:
+                stream.wait_event(ready)
+            if rows.is_cuda:
+                rows.record_stream(stream)  # read here, allocated on the caller's stream
+            unique, inverse = torch.unique(rows, return_inverse=True)
+            values = self._gather(unique.cpu(), pin=device.type == "cuda")
+            if device.type != "cuda":
+                return values.to(device), inverse, None  # a synchronous copy on this stream
+            values = values.to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return values, inverse, done
+
+    def _gather(self, unique: torch.LongTensor, pin: bool) -> torch.Tensor:
+        """Unique CPU row ids → their values (in pinned host memory when ``pin`` and on the host)."""
+        values = self.cache.gather(unique, pin=pin) if self.cache is not None else self.store.gather(unique, pin=pin)
         values = self._apply_patches(unique, values)
-        if device.type == "cuda":
-            values = values.pin_memory() if not values.is_pinned() and values.device.type == "cpu" else values
-            stream = torch.cuda.Stream(device)
-            with torch.cuda.stream(stream):
-                values = values.to(device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-            return values, event
-        return values.to(device), None
+        if pin and values.device.type == "cpu" and not values.is_pinned():
+            values = values.pin_memory()  # patched rows come back pageable: a rare (editing) path
+        return values
 
     @staticmethod
     def background_fetch(device: torch.device) -> bool:
@@ -85,17 +138,16 @@ class OffloadedTable(nn.Module):
     def prefetch(self, rows: torch.LongTensor) -> None:
         if not self.background_fetch(rows.device):
             return
-        unique, inverse = torch.unique(rows, return_inverse=True)
-        future = _executor().submit(self._fetch, unique, rows.device)
-        self._pending = (rows, inverse, future)
+        # Nothing here waits for the device: the worker finds the unique rows on the copy stream.
+        future = _executor().submit(self._fetch, rows, _ready_event(rows))
+        self._pending = (rows, future)
 
     def forward(self, rows: torch.LongTensor) -> torch.Tensor:
         if self.store is None:
             raise RuntimeError("Offloaded Engram table has no store bound (load it with from_pretrained).")
         pending, self._pending = self._pending, None
         if pending is not None and pending[0] is rows:
-            _, inverse, future = pending
-            values, event = future.result()
+            values, inverse, event = pending[1].result()
             self.prefetched += 1
         elif rows.device.type == "cpu" and self.cache is None:
             # CPU compute reading RAM or the page cache: gather straight from the store.
@@ -103,13 +155,13 @@ class OffloadedTable(nn.Module):
             self.store.check_unchanged()
             return self._apply_patches(rows, F.embedding(rows, self.store.table))
         else:
-            unique, inverse = torch.unique(rows, return_inverse=True)
-            values, event = self._fetch(unique, rows.device)
+            values, inverse, event = self._fetch(rows, _ready_event(rows))
             self.synchronous += 1
         if event is not None:
             stream = torch.cuda.current_stream(rows.device)
             stream.wait_event(event)
             values.record_stream(stream)  # allocated on the copy stream, consumed on this one
+            inverse.record_stream(stream)
         return values[inverse]
 
     @torch.no_grad()

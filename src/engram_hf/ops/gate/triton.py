@@ -1,8 +1,8 @@
 """Triton kernels: fused context-aware gate (both RMSNorms, dot, signed sqrt, sigmoid, value scale).
 
-One program per token. Rows are walked in chunks of at most ``MAX_BLOCK_D`` elements, so register
-use does not grow with the hidden size (whole 8192-wide rows in registers spill on Hopper). Offsets
-are int64: ``tokens * M * D`` passes 2^31 in one long-context prefill.
+One program per token. Rows are walked in chunks (``launch.row_config``), so register use does not
+grow with the hidden size (whole 8192-wide rows in registers spill on Hopper). Every offset is
+int64: ``tokens * M * D`` passes 2^31 in one long-context prefill.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import triton.language as tl
 
 from ..backend import device_guard
 from ..inputs import resolve_eps
-
-MAX_BLOCK_D = 1024
+from ..launch import row_config
 
 
 @triton.jit
@@ -38,7 +37,7 @@ def _gate_fwd(
     wq_ptr,
     out_ptr,
     stats_ptr,
-    D,
+    D: tl.int64,
     eps_k,
     eps_q,
     inv_sqrt_d,
@@ -46,7 +45,7 @@ def _gate_fwd(
     BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
     for m in tl.static_range(M):
         base = (tok * M + m) * D
         kk = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -90,13 +89,13 @@ def _gate_bwd(
     dh_ptr,
     dv_ptr,
     coef_ptr,
-    D,
+    D: tl.int64,
     inv_sqrt_d,
     M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
     for m in tl.static_range(M):
         base = (tok * M + m) * D
         sbase = (tok * M + m) * 4
@@ -138,12 +137,6 @@ def _gate_bwd(
         tl.store(dv_ptr + tok * D + c, dv, mask=keep)
 
 
-def launch_config(D: int) -> dict:
-    """Block and warp count for a row of ``D``: about 8 float32 per thread per tensor."""
-    block = min(triton.next_power_of_2(D), MAX_BLOCK_D)
-    return dict(BLOCK_D=block, num_warps=max(1, min(8, block // 256)))
-
-
 class GateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, key, hidden, value, wk, wq, eps_k, eps_q):
@@ -166,7 +159,7 @@ class GateFunction(torch.autograd.Function):
                     resolve_eps(eps_q),
                     1.0 / math.sqrt(D),
                     M=M,
-                    **launch_config(D),
+                    **row_config(D),
                 )
         ctx.save_for_backward(key, hidden, value, wk, wq, stats)
         return out
@@ -175,9 +168,9 @@ class GateFunction(torch.autograd.Function):
     def backward(ctx, dout):
         key, hidden, value, wk, wq, stats = ctx.saved_tensors
         B, T, M, D = key.shape
-        f32 = dict(device=key.device, dtype=torch.float32)
-        dk, dh = torch.empty(key.shape, **f32), torch.empty(key.shape, **f32)
-        dv, coef = torch.empty(B, T, D, **f32), torch.empty(B, T, M, **f32)
+        # The kernel accumulates in float32 and stores each gradient in its input's dtype.
+        dk, dh, dv = torch.empty_like(key), torch.empty_like(hidden), torch.empty_like(value)
+        coef = torch.empty(B, T, M, device=key.device, dtype=torch.float32)
         if B * T:
             with device_guard(key):
                 _gate_bwd[(B * T,)](
@@ -195,15 +188,15 @@ class GateFunction(torch.autograd.Function):
                     D,
                     1.0 / math.sqrt(D),
                     M=M,
-                    **launch_config(D),
+                    **row_config(D),
                 )
         # The norm weights' gradients are reductions over tokens: one einsum each.
         dw = torch.einsum("btm,btmd->md", coef, key.float() * hidden.float())
         dwk, dwq = dw * wq.float(), dw * wk.float()
         return (
-            dk.to(key.dtype),
-            dh.to(hidden.dtype),
-            dv.to(value.dtype),
+            dk,
+            dh,
+            dv,
             dwk.to(wk.dtype),
             dwq.to(wq.dtype),
             None,

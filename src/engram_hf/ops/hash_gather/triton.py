@@ -12,14 +12,10 @@ import triton.language as tl
 
 from ..backend import device_guard
 from ..inputs import EngramInputs, HashParams
-
-# Lookups summed by one program of the backward's first pass. A hot row (the pad n-grams of a
-# padded batch hit one row thousands of times) is then split over many programs instead of
-# serialising on one.
-SEGMENT_CHUNK = 32
+from ..launch import SEGMENT_CHUNK, gather_config, segment_config
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tok", "T", "H", "n_head"])
 def _hash_gather_fwd(
     ids_ptr,
     prefix_ptr,
@@ -32,7 +28,7 @@ def _hash_gather_fwd(
     n_tok,
     T,
     H,
-    D,
+    D: tl.int64,
     n_head,
     N: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -41,13 +37,17 @@ def _hash_gather_fwd(
 ):
     # One program per BLOCK_T tokens, all heads: each order's mix is computed once and shared by
     # its heads, and the program copies BLOCK_T * H whole rows.
-    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    tok_ok = tok < n_tok
-    b = tok // T
-    t = tok % T
-    heads = tl.arange(0, BLOCK_H)
-    head_ok = heads < H
-    head_last_k = heads // n_head + 1  # a head of order n mixes tokens t-0 .. t-(n-1)
+    # Token and head indices are split in int32 (a call never holds 2^31 tokens; 64-bit division
+    # is a slow out-of-line routine), then widened: every offset is int64.
+    tok32 = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok32 < n_tok
+    b = (tok32 // T).to(tl.int64)
+    t = (tok32 % T).to(tl.int64)
+    tok = tok32.to(tl.int64)
+    heads32 = tl.arange(0, BLOCK_H)
+    head_ok = heads32 < H
+    head_last_k = heads32 // n_head + 1  # a head of order n mixes tokens t-0 .. t-(n-1)
+    heads = heads32.to(tl.int64)
     mix = tl.zeros((BLOCK_T,), dtype=tl.int64)
     per_head = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.int64)
     for k in tl.static_range(N):
@@ -63,7 +63,9 @@ def _hash_gather_fwd(
     row = per_head % moduli[None, :] + offsets[None, :]
     ok = tok_ok[:, None] & head_ok[None, :]
     tl.store(rows_ptr + tok[:, None] * H + heads[None, :], row, mask=ok)
-    cols = tl.arange(0, BLOCK_D)
+    # Whole rows of BLOCK_D contiguous elements: with D a multiple of 16 (which the JIT specialises
+    # on), each thread issues 16-byte vector loads and stores.
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
     ok3 = ok[:, :, None] & (cols < D)[None, None, :]
     vals = tl.load(w_ptr + row[:, :, None] * D + cols[None, None, :], mask=ok3)
     out = (tok[:, None, None] * H + heads[None, :, None]) * D + cols[None, None, :]
@@ -74,36 +76,37 @@ def _hash_gather_fwd(
 def _chunk_sum(
     grad_ptr, perm_ptr, chunk_start_ptr, chunk_len_ptr, out_ptr, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr
 ):
-    # Pass 1: one program per chunk of at most CHUNK lookups of the same row (sorted order).
+    # Pass 1: one program per (chunk of at most CHUNK lookups of one row, in sorted order; block of
+    # columns). The chunk's rows are loaded as one [CHUNK, BLOCK_D] tile and reduced in registers.
     chunk = tl.program_id(0).to(tl.int64)
     start = tl.load(chunk_start_ptr + chunk)
     count = tl.load(chunk_len_ptr + chunk)
-    cols = tl.arange(0, BLOCK_D)
+    i = tl.arange(0, CHUNK).to(tl.int64)
+    src = tl.load(perm_ptr + start + i, mask=i < count, other=0)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     keep = cols < D
-    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(count):
-        src = tl.load(perm_ptr + start + i)
-        acc += tl.load(grad_ptr + src * D + cols, mask=keep, other=0.0).to(tl.float32)
-    tl.store(out_ptr + chunk * D + cols, acc, mask=keep)
+    tile = (i < count)[:, None] & keep[None, :]
+    vals = tl.load(grad_ptr + src[:, None] * D + cols[None, :], mask=tile, other=0.0).to(tl.float32)
+    tl.store(out_ptr + chunk * D + cols, tl.sum(vals, axis=0), mask=keep)
 
 
 @triton.jit
-def _segment_sum(partial_ptr, first_chunk_ptr, n_chunks_ptr, out_ptr, D, BLOCK_D: tl.constexpr):
-    # Pass 2: one program per unique row, summing its chunks in order (deterministic, no atomics).
+def _segment_sum(partial_ptr, first_chunk_ptr, n_chunks_ptr, out_ptr, D, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Pass 2: one program per (unique row, block of columns), summing its chunks CHUNK at a time in
+    # a fixed order (deterministic, no atomics). A row hit 100k times needs 98 steps here.
     seg = tl.program_id(0).to(tl.int64)
     first = tl.load(first_chunk_ptr + seg)
     count = tl.load(n_chunks_ptr + seg)
-    cols = tl.arange(0, BLOCK_D)
+    i = tl.arange(0, CHUNK).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
     keep = cols < D
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(count):
-        acc += tl.load(partial_ptr + (first + i) * D + cols, mask=keep, other=0.0)
+    for i0 in range(0, count, CHUNK):
+        tile = (i0 + i < count)[:, None] & keep[None, :]
+        acc += tl.sum(
+            tl.load(partial_ptr + (first + i0 + i)[:, None] * D + cols[None, :], mask=tile, other=0.0), axis=0
+        )
     tl.store(out_ptr + seg * D + cols, acc, mask=keep)
-
-
-def _block_t(H: int, D: int) -> int:
-    # About 4k elements in flight per program.
-    return max(1, min(16, 4096 // (triton.next_power_of_2(H) * triton.next_power_of_2(D))))
 
 
 def hash_gather_forward(inputs: EngramInputs, hashing: HashParams, weight: torch.Tensor):
@@ -115,9 +118,9 @@ def hash_gather_forward(inputs: EngramInputs, hashing: HashParams, weight: torch
     rows = torch.empty(B, T, H, device=ids.device, dtype=torch.long)
     if B * T == 0:
         return e, rows
-    block_t = _block_t(H, D)
+    cfg = gather_config(H, D)
     with device_guard(weight):
-        _hash_gather_fwd[(triton.cdiv(B * T, block_t),)](
+        _hash_gather_fwd[(triton.cdiv(B * T, cfg["BLOCK_T"]),)](
             ids,
             inputs.prefix.contiguous(),
             hashing.multipliers,
@@ -132,9 +135,7 @@ def hash_gather_forward(inputs: EngramInputs, hashing: HashParams, weight: torch
             D,
             H // (N - 1),
             N=N,
-            BLOCK_T=block_t,
-            BLOCK_H=triton.next_power_of_2(H),
-            BLOCK_D=triton.next_power_of_2(D),
+            **cfg,
         )
     return e, rows
 
@@ -153,17 +154,20 @@ def table_grad_rows(rows: torch.LongTensor, grad_rows: torch.Tensor):
     n_chunks = (counts + SEGMENT_CHUNK - 1) // SEGMENT_CHUNK
     first_chunk = torch.cumsum(n_chunks, 0) - n_chunks
     total = int(n_chunks.sum())
-    seg_of_chunk = torch.repeat_interleave(torch.arange(unique.shape[0], device=flat.device), n_chunks)
+    seg_of_chunk = torch.repeat_interleave(
+        torch.arange(unique.shape[0], device=flat.device), n_chunks, output_size=total
+    )
     rank = torch.arange(total, device=flat.device) - first_chunk[seg_of_chunk]
     chunk_start = starts[seg_of_chunk] + rank * SEGMENT_CHUNK
     chunk_len = torch.minimum(
         starts[seg_of_chunk] + counts[seg_of_chunk] - chunk_start, torch.full_like(chunk_start, SEGMENT_CHUNK)
     )
     partial = torch.empty(total, D, device=grad_rows.device, dtype=torch.float32)
-    block_d = triton.next_power_of_2(D)
+    cfg = segment_config(D)
+    n_dblk = triton.cdiv(D, cfg["BLOCK_D"])
     with device_guard(grad_rows):
-        _chunk_sum[(total,)](grad_rows, perm, chunk_start, chunk_len, partial, D, CHUNK=SEGMENT_CHUNK, BLOCK_D=block_d)
-        _segment_sum[(unique.shape[0],)](partial, first_chunk, n_chunks, out, D, BLOCK_D=block_d)
+        _chunk_sum[(total, n_dblk)](grad_rows, perm, chunk_start, chunk_len, partial, D, **cfg)
+        _segment_sum[(unique.shape[0], n_dblk)](partial, first_chunk, n_chunks, out, D, **cfg)
     return unique, out
 
 

@@ -1,8 +1,12 @@
 """Triton kernels: per-branch RMSNorm, dilated causal depthwise conv, SiLU and the residual add,
 forward and backward, plus a single decode step that reads and shifts the cached conv state.
 
-Offsets are int64 (``tokens * C`` passes 2^31 in long prefills); norm rows are walked in chunks so
-register use does not grow with the hidden size.
+The normalised input is never materialised: a row kernel computes one scale per (token, branch)
+(``rstd``, zero at masked tokens) and the conv applies ``x * scale * w`` as it loads its taps. The
+backward recomputes the SiLU derivative as it goes and sums the weight gradients over token tiles
+in registers (partial sums per tile, added in a fixed order: deterministic, no atomics).
+
+Every offset is int64: ``tokens * C`` passes 2^31 in one long-context prefill.
 """
 
 from __future__ import annotations
@@ -12,197 +16,231 @@ import triton
 import triton.language as tl
 
 from ..backend import device_guard
-from ..gate.triton import launch_config
 from ..inputs import ConvParams, resolve_eps
+from ..launch import conv_bwd_config, conv_config, row_config, step_config
 
 
-@triton.jit
-def _norm_fwd(
-    x_ptr, w_ptr, mask_ptr, xn_ptr, rstd_ptr, D, eps, M: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr
-):
-    # One program per (token, branch): xn = RMSNorm(x) * w, zeroed at masked tokens.
+@triton.jit(do_not_specialize=["M"])
+def _row_scale(x_ptr, mask_ptr, scale_ptr, D: tl.int64, eps, M, HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One program per (token, branch) row: scale = 1/rms(x), zero at masked tokens.
     row = tl.program_id(0).to(tl.int64)
-    tok = row // M
-    m = row % M
-    cols = tl.arange(0, BLOCK_D)
+    tok = (tl.program_id(0) // M).to(tl.int64)  # int32 division: 64-bit is an out-of-line routine
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
     sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         x = tl.load(x_ptr + row * D + c, mask=c < D, other=0.0).to(tl.float32)
         sq += x * x
-    rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / D + eps)
-    scale = rstd
+    scale = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / D + eps)
     if HAS_MASK:
         scale = scale * (tl.load(mask_ptr + tok) != 0).to(tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        c = d0 + cols
-        keep = c < D
-        x = tl.load(x_ptr + row * D + c, mask=keep, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + m * D + c, mask=keep, other=0.0).to(tl.float32)
-        tl.store(xn_ptr + row * D + c, x * scale * w, mask=keep)
-    tl.store(rstd_ptr + row, rstd)
+    tl.store(scale_ptr + row, scale)
 
 
-@triton.jit
-def _norm_bwd_terms(dxn_ptr, x_ptr, w_ptr, base, w_base, rstd, c, keep):
-    """One chunk of a row: the normalised input, and the incoming gradient times the norm weight."""
-    xhat = tl.load(x_ptr + base + c, mask=keep, other=0.0).to(tl.float32) * rstd
-    w = tl.load(w_ptr + w_base + c, mask=keep, other=0.0).to(tl.float32)
-    return xhat, tl.load(dxn_ptr + base + c, mask=keep, other=0.0) * w
-
-
-@triton.jit
-def _norm_bwd(
-    dxn_ptr, x_ptr, w_ptr, mask_ptr, rstd_ptr, dx_ptr, D, M: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr
+@triton.jit(do_not_specialize=["T", "n_dblk", "M"])
+def _conv_fwd(
+    x_ptr,
+    scale_ptr,
+    nw_ptr,
+    state_ptr,
+    cw_ptr,
+    y_ptr,
+    acc_ptr,
+    T,
+    D: tl.int64,
+    n_dblk,
+    M,
+    DIL: tl.int64,
+    K: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    STORE_ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
+    # y[t] = x[t] + SiLU(sum_j cw[:, j] * X[t - (K-1-j)*DIL]),  X = [state | x * scale * nw] in time.
+    # One program per (token, branch, chunk of the branch's channels).
+    # Program ids are split in int32 (64-bit division is an out-of-line routine), then widened.
+    tok = tl.program_id(0).to(tl.int64)
+    b = (tl.program_id(0) // T).to(tl.int64)
+    t = (tl.program_id(0) % T).to(tl.int64)
+    m = (tl.program_id(1) // n_dblk).to(tl.int64)
+    d = (tl.program_id(1) % n_dblk).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    keep = d < D
+    C = M * D
+    S = (K - 1) * DIL
+    c = m * D + d
+    nw = tl.load(nw_ptr + c, mask=keep, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    x_t = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        u = t - (K - 1 - j) * DIL  # the tap's time index (negative: inside the state)
+        u_vec = u + tl.zeros_like(d)  # masks combine elementwise (the interpreter needs blocks)
+        inside = keep & (u_vec >= 0)
+        src = b * T + tl.maximum(u, 0)
+        xv = tl.load(x_ptr + src * C + c, mask=inside, other=0.0).to(tl.float32)
+        if j == K - 1:
+            x_t = xv  # the tap at t is the residual input itself
+        xn = xv * tl.load(scale_ptr + (src * M + m)) * nw
+        if HAS_STATE:
+            xn += tl.load(state_ptr + (b * C + c) * S + S + u, mask=keep & (u_vec < 0), other=0.0).to(tl.float32)
+        acc += tl.load(cw_ptr + c * K + j, mask=keep, other=0.0).to(tl.float32) * xn
+    out = tok * C + c
+    tl.store(y_ptr + out, (x_t + acc / (1.0 + tl.exp(-acc))).to(y_ptr.dtype.element_ty), mask=keep)
+    if STORE_ACC:
+        tl.store(acc_ptr + out, acc, mask=keep)
+
+
+@triton.jit(do_not_specialize=["T", "n_tblk", "n_dblk", "M"])
+def _conv_bwd(
+    dy_ptr,
+    acc_ptr,
+    x_ptr,
+    scale_ptr,
+    nw_ptr,
+    cw_ptr,
+    dxn_ptr,
+    part_ptr,
+    T,
+    D: tl.int64,
+    n_tblk,
+    n_dblk,
+    M,
+    DIL: tl.int64,
+    K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # A tile of BLOCK_T tokens x BLOCK_D channels of one branch. With dacc = dy * SiLU'(acc):
+    #   dxn[u]        = sum_j cw[:, j] * dacc[u + lag_j]          (transposed conv, inside the sequence)
+    #   dcw[:, j]    += sum_u dacc[u + lag_j] * X[u]              (X = x * scale * nw, the conv's input)
+    #   dnw          += sum_u dxn[u] * x[u] * scale[u]
+    # The sums over the tile's tokens go to part[tile] ([K+1, C]); the caller adds the tiles.
+    pid = tl.program_id(0).to(tl.int64)
+    b = (tl.program_id(0) // n_tblk).to(tl.int64)
+    u = (tl.program_id(0) % n_tblk).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    m = (tl.program_id(1) // n_dblk).to(tl.int64)
+    d = (tl.program_id(1) % n_dblk).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    keep = d < D
+    C = M * D
+    c = m * D + d
+    u_ok = u < T
+    tile_ok = u_ok[:, None] & keep[None, :]
+    x_off = (b * T + u)[:, None] * C + c[None, :]
+    xhat = tl.load(x_ptr + x_off, mask=tile_ok, other=0.0).to(tl.float32)
+    xhat = xhat * tl.load(scale_ptr + ((b * T + u) * M + m), mask=u_ok, other=0.0)[:, None]
+    nw = tl.load(nw_ptr + c, mask=keep, other=0.0).to(tl.float32)
+    dxn = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(K):
+        lag = (K - 1 - j) * DIL
+        t = u + lag
+        ok = (t < T)[:, None] & keep[None, :]
+        off = (b * T + tl.minimum(t, T - 1))[:, None] * C + c[None, :]
+        dy = tl.load(dy_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        a = tl.load(acc_ptr + off, mask=ok, other=0.0)
+        sig = 1.0 / (1.0 + tl.exp(-a))
+        dacc = dy * sig * (1.0 + a * (1.0 - sig))
+        dxn += tl.load(cw_ptr + c * K + j, mask=keep, other=0.0).to(tl.float32)[None, :] * dacc
+        tl.store(part_ptr + ((pid * (K + 1) + j) * C + c), tl.sum(dacc * xhat, axis=0) * nw, mask=keep)
+    tl.store(dxn_ptr + x_off, dxn, mask=tile_ok)
+    tl.store(part_ptr + ((pid * (K + 1) + K) * C + c), tl.sum(dxn * xhat, axis=0), mask=keep)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _norm_bwd(dxn_ptr, dy_ptr, x_ptr, nw_ptr, scale_ptr, dx_ptr, D: tl.int64, M, BLOCK_D: tl.constexpr):
+    # One program per (token, branch) row: RMSNorm backward of xn = x * scale * nw, plus the
+    # residual's gradient dy. (scale = 0 at masked tokens zeroes their dx, as it zeroed xn.)
     row = tl.program_id(0).to(tl.int64)
-    tok = row // M
-    m = row % M
-    cols = tl.arange(0, BLOCK_D)
-    rstd = tl.load(rstd_ptr + row)
-    live = 1.0
-    if HAS_MASK:
-        live = (tl.load(mask_ptr + tok) != 0).to(tl.float32)
+    m = (tl.program_id(0) % M).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
+    scale = tl.load(scale_ptr + row)
     dot = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         keep = c < D
-        xhat, g = _norm_bwd_terms(dxn_ptr, x_ptr, w_ptr, row * D, m * D, rstd, c, keep)
-        dot += g * xhat
-    mean = tl.sum(dot, axis=0) / D
+        g = tl.load(dxn_ptr + row * D + c, mask=keep, other=0.0) * tl.load(nw_ptr + m * D + c, mask=keep, other=0.0).to(
+            tl.float32
+        )
+        dot += g * tl.load(x_ptr + row * D + c, mask=keep, other=0.0).to(tl.float32)
+    mean = tl.sum(dot, axis=0) * scale / D  # mean(g * xhat), xhat = x * scale
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
         keep = c < D
-        xhat, g = _norm_bwd_terms(dxn_ptr, x_ptr, w_ptr, row * D, m * D, rstd, c, keep)
-        tl.store(dx_ptr + row * D + c, live * rstd * (g - xhat * mean), mask=keep)
+        g = tl.load(dxn_ptr + row * D + c, mask=keep, other=0.0) * tl.load(nw_ptr + m * D + c, mask=keep, other=0.0).to(
+            tl.float32
+        )
+        xhat = tl.load(x_ptr + row * D + c, mask=keep, other=0.0).to(tl.float32) * scale
+        dy = tl.load(dy_ptr + row * D + c, mask=keep, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * D + c, (scale * (g - xhat * mean) + dy).to(dx_ptr.dtype.element_ty), mask=keep)
 
 
-@triton.jit
-def _conv_fwd(
-    xn_ptr,
-    state_ptr,
-    cw_ptr,
-    res_ptr,
-    y_ptr,
-    acc_ptr,
-    T,
-    C,
-    K: tl.constexpr,
-    DIL: tl.constexpr,
-    HAS_STATE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    # y[t] = res[t] + SiLU(sum_j w[:, j] * X[t - (K-1-j)*DIL]), X = [state | xn] along time.
-    tok = tl.program_id(0).to(tl.int64)
-    b = tok // T
-    t = tok % T
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    keep = c < C
-    S: tl.constexpr = (K - 1) * DIL
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for j in tl.static_range(K):
-        # The tap's time index, broadcast to the channel block (block masks combine elementwise).
-        u = tl.zeros((BLOCK_C,), dtype=tl.int64) + (t - (K - 1 - j) * DIL)
-        xv = tl.load(xn_ptr + (b * T + tl.maximum(u, 0)) * C + c, mask=keep & (u >= 0), other=0.0)
-        if HAS_STATE:
-            xv += tl.load(state_ptr + (b * C + c) * S + S + u, mask=keep & (u < 0), other=0.0).to(tl.float32)
-        acc += tl.load(cw_ptr + c * K + j, mask=keep, other=0.0).to(tl.float32) * xv
-    res = tl.load(res_ptr + tok * C + c, mask=keep, other=0.0).to(tl.float32)
-    y = res + acc / (1.0 + tl.exp(-acc))
-    tl.store(y_ptr + tok * C + c, y.to(y_ptr.dtype.element_ty), mask=keep)
-    tl.store(acc_ptr + tok * C + c, acc, mask=keep)
-
-
-@triton.jit
-def _conv_bwd_input(dacc_ptr, cw_ptr, dxn_ptr, T, C, K: tl.constexpr, DIL: tl.constexpr, BLOCK_C: tl.constexpr):
-    # Transposed conv: dxn[u] = sum_j w[:, j] * dacc[u + (K-1-j)*DIL] (inside the sequence).
-    tok = tl.program_id(0).to(tl.int64)
-    b = tok // T
-    u = tok % T
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    keep = c < C
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for j in tl.static_range(K):
-        t = tl.zeros((BLOCK_C,), dtype=tl.int64) + (u + (K - 1 - j) * DIL)
-        d = tl.load(dacc_ptr + (b * T + tl.minimum(t, T - 1)) * C + c, mask=keep & (t < T), other=0.0)
-        acc += tl.load(cw_ptr + c * K + j, mask=keep, other=0.0).to(tl.float32) * d
-    tl.store(dxn_ptr + tok * C + c, acc, mask=keep)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["n_dblk", "M", "stride_sb", "stride_sc", "stride_ss"])
 def _conv_step(
-    xn_ptr,
+    x_ptr,
+    scale_ptr,
+    nw_ptr,
     state_ptr,
     cw_ptr,
-    res_ptr,
     y_ptr,
-    C,
-    stride_sb,
-    stride_sc,
-    stride_ss,
+    D: tl.int64,
+    n_dblk,
+    stride_sb: tl.int64,
+    stride_sc: tl.int64,
+    stride_ss: tl.int64,
+    M,
+    DIL: tl.int64,
     K: tl.constexpr,
-    DIL: tl.constexpr,
     S_POW2: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    # One decode step per (batch, channel block): read the taps from the state, then shift it left
-    # by one and append the new input. The state may be any strided view (a cropped cache).
+    # One decode step per (batch row, branch, channel chunk): read the taps from the state, then
+    # shift it left by one and append the new normalised input. The state may be any strided view
+    # (a cropped or reordered cache), so it is addressed through its strides.
     b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    keep = c < C
-    S: tl.constexpr = (K - 1) * DIL
-    row = state_ptr + b * stride_sb + c.to(tl.int64) * stride_sc
-    x = tl.load(xn_ptr + b * C + c, mask=keep, other=0.0).to(tl.float32)
-    acc = tl.load(cw_ptr + c * K + (K - 1), mask=keep, other=0.0).to(tl.float32) * x
+    m = (tl.program_id(1) // n_dblk).to(tl.int64)
+    d = (tl.program_id(1) % n_dblk).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)
+    keep = d < D
+    C = M * D
+    c = m * D + d
+    S = (K - 1) * DIL
+    row = state_ptr + b * stride_sb + c * stride_sc
+    x = tl.load(x_ptr + b * C + c, mask=keep, other=0.0).to(tl.float32)
+    xn = x * tl.load(scale_ptr + (b * M + m)) * tl.load(nw_ptr + c, mask=keep, other=0.0).to(tl.float32)
+    acc = tl.load(cw_ptr + c * K + (K - 1), mask=keep, other=0.0).to(tl.float32) * xn
     for j in tl.static_range(K - 1):
         tap = tl.load(row + (S - (K - 1 - j) * DIL) * stride_ss, mask=keep, other=0.0).to(tl.float32)
         acc += tl.load(cw_ptr + c * K + j, mask=keep, other=0.0).to(tl.float32) * tap
-    res = tl.load(res_ptr + b * C + c, mask=keep, other=0.0).to(tl.float32)
-    tl.store(y_ptr + b * C + c, (res + acc / (1.0 + tl.exp(-acc))).to(y_ptr.dtype.element_ty), mask=keep)
-    if S > 0:
-        s = tl.arange(0, S_POW2)
+    tl.store(y_ptr + b * C + c, (x + acc / (1.0 + tl.exp(-acc))).to(y_ptr.dtype.element_ty), mask=keep)
+    if S_POW2 > 0:  # a state to shift (K >= 2)
+        s = tl.arange(0, S_POW2).to(tl.int64)
         grid = keep[:, None] & (s[None, :] < S - 1)
         older = tl.load(row[:, None] + (s[None, :] + 1) * stride_ss, mask=grid, other=0.0)
-        # Every warp's reads of the old state land before any warp overwrites it: a channel's loads
-        # and its shifted stores fall to different warps in the compiled layout.
+        # Every warp's reads of the old state land before any warp overwrites it: a channel's tap
+        # loads and its shifted stores fall to different warps in the compiled layout.
         tl.debug_barrier()
         tl.store(row[:, None] + s[None, :] * stride_ss, older, mask=grid)
-        tl.store(row + (S - 1) * stride_ss, x.to(state_ptr.dtype.element_ty), mask=keep)
+        tl.store(row + (S - 1) * stride_ss, xn.to(state_ptr.dtype.element_ty), mask=keep)
 
 
-def _norm(x, norm_weight, eps, mask):
+def _row_scales(x, eps, mask):
+    """``[B*T*M]`` float32: 1/rms of each (token, branch) row, zero at masked tokens."""
     B, T, M, D = x.shape
-    xn = torch.empty(B, T, M, D, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(B * T * M, device=x.device, dtype=torch.float32)
+    scale = torch.empty(B * T * M, device=x.device, dtype=torch.float32)
     if B * T:
-        _norm_fwd[(B * T * M,)](
-            x,
-            norm_weight.contiguous(),
-            mask if mask is not None else x,
-            xn,
-            rstd,
-            D,
-            eps,
-            M=M,
-            HAS_MASK=mask is not None,
-            **launch_config(D),
+        _row_scale[(B * T * M,)](
+            x, mask if mask is not None else x, scale, D, eps, M, HAS_MASK=mask is not None, **row_config(D)
         )
-    return xn, rstd
+    return scale
 
 
-def _block_c(C):
-    return min(triton.next_power_of_2(C), 256)
-
-
-def _next_state(prev, xn_ct, S):
-    """The next call's left context: the last S normalised inputs, reaching into ``prev`` only when
-    the input is shorter than S (no [B, C, S+T] copy)."""
-    T = xn_ct.shape[-1]
-    if S == 0:
-        return xn_ct[..., :0]
-    if T >= S:
-        return xn_ct[..., T - S :]
-    return torch.cat([prev[..., T:].to(xn_ct.dtype), xn_ct], dim=-1)
+def _next_state(prev, x, scale, norm_weight, S):
+    """The next call's left context ``[B, C, S]``: the last S normalised inputs, reaching into
+    ``prev`` only when the input is shorter than S. Only those S columns are computed."""
+    B, T, M, D = x.shape
+    n = min(T, S)
+    tail = x[:, T - n :].float() * scale.view(B, T, M, 1)[:, T - n :] * norm_weight.float()
+    tail = tail.reshape(B, n, M * D).transpose(1, 2).to(x.dtype)
+    if n == S:
+        return tail.contiguous()
+    return torch.cat([prev[..., n:].to(x.dtype), tail], dim=-1)
 
 
 class ShortConvFunction(torch.autograd.Function):
@@ -211,107 +249,107 @@ class ShortConvFunction(torch.autograd.Function):
         B, T, M, D = x.shape
         C, K = M * D, conv_weight.shape[-1]
         S = (K - 1) * dilation
-        eps = resolve_eps(eps)
         x = x.contiguous()
         mask = mask.contiguous() if mask is not None else None
         state = state.contiguous() if state is not None else None
-        y = torch.empty_like(x)
-        acc = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
+        nw = norm_weight.contiguous()
         cw = conv_weight.reshape(C, K).contiguous()
+        needs_grad = any(ctx.needs_input_grad[:3])
+        y = torch.empty_like(x)
+        acc = torch.empty(B, T, C, device=x.device, dtype=torch.float32) if needs_grad else y
+        cfg = conv_config(D)
+        n_dblk = triton.cdiv(D, cfg["BLOCK_D"])
         with device_guard(x):
-            xn, rstd = _norm(x, norm_weight, eps, mask)
+            scale = _row_scales(x, resolve_eps(eps), mask)
             if B * T:
-                _conv_fwd[(B * T, triton.cdiv(C, _block_c(C)))](
-                    xn,
-                    state if state is not None else xn,
-                    cw,
+                _conv_fwd[(B * T, M * n_dblk)](
                     x,
+                    scale,
+                    nw,
+                    state if state is not None else x,
+                    cw,
                     y,
                     acc,
                     T,
-                    C,
+                    D,
+                    n_dblk,
+                    M,
+                    dilation,
                     K=K,
-                    DIL=dilation,
                     HAS_STATE=state is not None,
-                    BLOCK_C=_block_c(C),
+                    STORE_ACC=needs_grad,
+                    **cfg,
                 )
-        prev = state if state is not None else xn.new_zeros(B, C, S)
-        new_state = _next_state(prev, xn.reshape(B, T, C).transpose(1, 2), S).to(x.dtype)
-        ctx.save_for_backward(x, norm_weight, cw, xn, rstd, acc, mask, state)
-        ctx.dilation = dilation
+        prev = state if state is not None else x.new_zeros(B, C, S)
+        new_state = _next_state(prev, x, scale, nw, S)
+        if needs_grad:
+            ctx.save_for_backward(x, nw, cw, scale, acc, state)
+            ctx.dilation = dilation
         ctx.mark_non_differentiable(new_state)
         return y, new_state
 
     @staticmethod
     def backward(ctx, dy, _dstate):
-        x, norm_weight, cw, xn, rstd, acc, mask, state = ctx.saved_tensors
+        x, nw, cw, scale, acc, state = ctx.saved_tensors
         B, T, M, D = x.shape
         C, K = cw.shape
         dil = ctx.dilation
         S = (K - 1) * dil
-        dy = dy.contiguous().float().reshape(B, T, C)
-        sig = torch.sigmoid(acc)
-        dacc = (dy * sig * (1 + acc * (1 - sig))).contiguous()
+        dy = dy.contiguous()
         dxn = torch.empty(B, T, C, device=x.device, dtype=torch.float32)
-        dx = torch.empty(B, T, M, D, device=x.device, dtype=torch.float32)
+        dx = torch.empty_like(x)
+        cfg = conv_bwd_config(D)
+        n_tblk, n_dblk = triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(D, cfg["BLOCK_D"])
+        part = torch.empty(B * n_tblk, K + 1, C, device=x.device, dtype=torch.float32)
         with device_guard(x):
             if B * T:
-                _conv_bwd_input[(B * T, triton.cdiv(C, _block_c(C)))](
-                    dacc, cw, dxn, T, C, K=K, DIL=dil, BLOCK_C=_block_c(C)
+                _conv_bwd[(B * n_tblk, M * n_dblk)](
+                    dy, acc, x, scale, nw, cw, dxn, part, T, D, n_tblk, n_dblk, M, dil, K=K, **cfg
                 )
-                _norm_bwd[(B * T * M,)](
-                    dxn,
-                    x,
-                    norm_weight.contiguous(),
-                    mask if mask is not None else x,
-                    rstd,
-                    dx,
-                    D,
-                    M=M,
-                    HAS_MASK=mask is not None,
-                    **launch_config(D),
-                )
-        # Conv weight gradient: per tap, a reduction over (batch, time) of dacc times its input,
-        # which is xn shifted by `lag` (and the cached state before the start).
-        xn_btc = xn.reshape(B, T, C)
-        taps = []
-        for j in range(K):
-            lag = (K - 1 - j) * dil
-            g = (dacc[:, lag:] * xn_btc[:, : T - lag]).sum((0, 1)) if lag < T else dacc.new_zeros(C)
-            if state is not None and lag:
-                n = min(lag, T)  # positions t < lag read state[:, :, S - lag + t]
-                g = g + (dacc[:, :n] * state[:, :, S - lag : S - lag + n].transpose(1, 2).float()).sum((0, 1))
-            taps.append(g)
-        dcw = torch.stack(taps, dim=1)
-        xhat = x.float() * rstd.view(B, T, M, 1)
-        if mask is not None:
-            xhat = xhat * mask[:, :, None, None].float()
-        dnw = (dxn.view(B, T, M, D) * xhat).sum((0, 1))
-        dx = dx + dy.view(B, T, M, D)
-        return dx.to(x.dtype), dnw.to(norm_weight.dtype), dcw.view(C, 1, K).to(cw.dtype), None, None, None, None
+                _norm_bwd[(B * T * M,)](dxn, dy, x, nw, scale, dx, D, M, **row_config(D))
+        sums = part.sum(0)
+        dcw = sums[:K].t()
+        dnw = sums[K].view(M, D)
+        if state is not None and B * T:
+            # Taps that reached into the cached state (the first S positions): a few columns, in torch.
+            n = min(S, T)
+            a = acc[:, :n]
+            sig = torch.sigmoid(a)
+            dacc = dy[:, :n].reshape(B, n, C).float() * sig * (1 + a * (1 - sig))  # [B, n, C]
+            for j in range(K - 1):
+                lag = (K - 1 - j) * dil
+                k = min(lag, n)  # positions t < lag read state[:, :, S - lag + t]
+                dcw[:, j] += (dacc[:, :k] * state[:, :, S - lag : S - lag + k].transpose(1, 2).float()).sum((0, 1))
+        return dx, dnw.to(nw.dtype), dcw.reshape(C, 1, K).to(cw.dtype), None, None, None, None
 
 
 def short_conv_step(x, conv: ConvParams, mask, state):
     B, T, M, D = x.shape
     C, K = M * D, conv.weight.shape[-1]
     S = (K - 1) * conv.dilation
+    if T != 1:
+        raise ValueError(f"A decode step takes one position, got {T}.")
     if state.shape != (B, C, S):
         raise ValueError(f"The conv state must be [{B}, {C}, {S}], got {list(state.shape)}.")
     x = x.contiguous()
     y = torch.empty_like(x)
+    cfg = step_config(D, S)
+    n_dblk = triton.cdiv(D, cfg["BLOCK_D"])
     with device_guard(x):
-        xn, _ = _norm(x, conv.norm.weight, resolve_eps(conv.norm.eps), mask.contiguous() if mask is not None else None)
-        _conv_step[(B, triton.cdiv(C, _block_c(C)))](
-            xn,
+        scale = _row_scales(x, resolve_eps(conv.norm.eps), mask.contiguous() if mask is not None else None)
+        _conv_step[(B, M * n_dblk)](
+            x,
+            scale,
+            conv.norm.weight.contiguous(),
             state,
             conv.weight.reshape(C, K).contiguous(),
-            x,
             y,
-            C,
+            D,
+            n_dblk,
             *state.stride(),
+            M,
+            conv.dilation,
             K=K,
-            DIL=conv.dilation,
-            S_POW2=triton.next_power_of_2(max(S, 1)),
-            BLOCK_C=_block_c(C),
+            **cfg,
         )
     return y
