@@ -326,27 +326,29 @@ def _compile_one(job: dict) -> dict:
     return result
 
 
-def collect(quick: bool = False, arch: str = "90a") -> list[Launch]:
+def collect(quick: bool = False, arch: str = "90a", kernels=None) -> list[Launch]:
     """Every distinct specialisation the model's launches produce, with the settings behind each."""
     from triton.backends.compiler import GPUTarget
 
     bind = _Binder(GPUTarget("cuda", int(arch.rstrip("a")), 32))
     launches: dict = {}
     for setting, fn, args, kwargs in _model_launches(quick):
+        if kernels and fn.__name__ not in kernels:
+            continue
         signature, constexprs, attrs, options = bind(fn, args, kwargs)
         launch = Launch(fn.__module__, fn.__name__, signature, constexprs, attrs, options)
         launches.setdefault(launch.key(), launch).settings.add(setting)
     return list(launches.values())
 
 
-def check(quick: bool = False, arch: str = "90a", jobs: int = 1, progress: bool = True) -> dict:
+def check(quick: bool = False, arch: str = "90a", jobs: int = 1, progress: bool = True, kernels=None) -> dict:
     """Compile everything; returns the report (``report["failures"]`` empty when all is well)."""
     from concurrent.futures import ProcessPoolExecutor
 
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    launches = collect(quick, arch)
+    launches = collect(quick, arch, kernels)
     payload = [
         {
             "module": ln.module,
@@ -485,6 +487,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="90a", help="CUDA arch to compile for (default 90a: H100/H200)")
     p.add_argument("--quick", action="store_true", help="one specialisation per kernel")
     p.add_argument("--jobs", "-j", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--kernels", nargs="*", help="only these kernels (default: all)")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--markdown", type=Path, help="write the per-kernel table here")
     args = p.parse_args(argv)
@@ -493,7 +496,7 @@ def main(argv=None) -> int:
             "compile_check: unset TRITON_INTERPRET (the interpreter replaces the kernels to compile).", file=sys.stderr
         )
         return 2
-    report = check(args.quick, args.arch, args.jobs)
+    report = check(args.quick, args.arch, args.jobs, kernels=args.kernels)
     from ..utils import atomic_write_file
 
     if args.json:

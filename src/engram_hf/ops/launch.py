@@ -40,11 +40,11 @@ def conv_config(D: int) -> dict:
 
 def step_config(D: int, S: int) -> dict:
     """Decode step: a chunk of one branch's channels by the whole state (S_POW2 >= S columns), at
-    most 4096 elements, so the shifted [BLOCK_D, S_POW2] tile stays in registers. S_POW2 = 0: no
-    state (a width-1 conv)."""
+    most 1024 elements, so the shifted [BLOCK_D, S_POW2] tile and its 64-bit addresses (the state
+    is any strided view) stay in registers. S_POW2 = 0: no state (a width-1 conv)."""
     s_pow2 = next_power_of_2(S) if S > 0 else 0
-    block = min(next_power_of_2(D), MAX_ROW_BLOCK, max(32, 4096 // max(s_pow2, 1)))
-    return dict(S_POW2=s_pow2, BLOCK_D=block, num_warps=_warps(block * max(s_pow2, 1), per_thread=16))
+    block = min(next_power_of_2(D), max(32, 1024 // max(s_pow2, 1)))
+    return dict(S_POW2=s_pow2, BLOCK_D=block, num_warps=_warps(block * max(s_pow2, 1)))
 
 
 def conv_bwd_config(D: int) -> dict:

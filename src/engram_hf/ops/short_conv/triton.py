@@ -81,8 +81,9 @@ def _conv_fwd(
             x_t = xv  # the tap at t is the residual input itself
         xn = xv * tl.load(scale_ptr + (src * M + m)) * nw
         if HAS_STATE:
-            xn += tl.load(state_ptr + (b * C + c) * S + S + u, mask=keep & (u_vec < 0), other=0.0).to(tl.float32)
-        acc += tl.load(cw_ptr + c * K + j, mask=keep, other=0.0).to(tl.float32) * xn
+            # The state arrives time-major, [B, S, C]: a tap's channels are contiguous.
+            xn += tl.load(state_ptr + ((b * S + S + u) * C + c), mask=keep & (u_vec < 0), other=0.0).to(tl.float32)
+        acc += tl.load(cw_ptr + (j * C + c), mask=keep, other=0.0).to(tl.float32) * xn
     out = tok * C + c
     tl.store(y_ptr + out, (x_t + acc / (1.0 + tl.exp(-acc))).to(y_ptr.dtype.element_ty), mask=keep)
     if STORE_ACC:
@@ -138,7 +139,7 @@ def _conv_bwd(
         a = tl.load(acc_ptr + off, mask=ok, other=0.0)
         sig = 1.0 / (1.0 + tl.exp(-a))
         dacc = dy * sig * (1.0 + a * (1.0 - sig))
-        dxn += tl.load(cw_ptr + c * K + j, mask=keep, other=0.0).to(tl.float32)[None, :] * dacc
+        dxn += tl.load(cw_ptr + (j * C + c), mask=keep, other=0.0).to(tl.float32)[None, :] * dacc
         tl.store(part_ptr + ((pid * (K + 1) + j) * C + c), tl.sum(dacc * xhat, axis=0) * nw, mask=keep)
     tl.store(dxn_ptr + x_off, dxn, mask=tile_ok)
     tl.store(part_ptr + ((pid * (K + 1) + K) * C + c), tl.sum(dxn * xhat, axis=0), mask=keep)
@@ -204,10 +205,10 @@ def _conv_step(
     row = state_ptr + b * stride_sb + c * stride_sc
     x = tl.load(x_ptr + b * C + c, mask=keep, other=0.0).to(tl.float32)
     xn = x * tl.load(scale_ptr + (b * M + m)) * tl.load(nw_ptr + c, mask=keep, other=0.0).to(tl.float32)
-    acc = tl.load(cw_ptr + c * K + (K - 1), mask=keep, other=0.0).to(tl.float32) * xn
+    acc = tl.load(cw_ptr + ((K - 1) * C + c), mask=keep, other=0.0).to(tl.float32) * xn
     for j in tl.static_range(K - 1):
         tap = tl.load(row + (S - (K - 1 - j) * DIL) * stride_ss, mask=keep, other=0.0).to(tl.float32)
-        acc += tl.load(cw_ptr + c * K + j, mask=keep, other=0.0).to(tl.float32) * tap
+        acc += tl.load(cw_ptr + (j * C + c), mask=keep, other=0.0).to(tl.float32) * tap
     tl.store(y_ptr + b * C + c, (x + acc / (1.0 + tl.exp(-acc))).to(y_ptr.dtype.element_ty), mask=keep)
     if S_POW2 > 0:  # a state to shift (K >= 2)
         s = tl.arange(0, S_POW2).to(tl.int64)
@@ -253,7 +254,9 @@ class ShortConvFunction(torch.autograd.Function):
         mask = mask.contiguous() if mask is not None else None
         state = state.contiguous() if state is not None else None
         nw = norm_weight.contiguous()
-        cw = conv_weight.reshape(C, K).contiguous()
+        # Tap-major weights [K, C] and a time-major state [B, S, C]: every load the kernels make
+        # is a contiguous run of channels (16-byte vectors), not a stride-K or stride-S gather.
+        cw = conv_weight.reshape(C, K).t().contiguous()
         needs_grad = any(ctx.needs_input_grad[:3])
         y = torch.empty_like(x)
         acc = torch.empty(B, T, C, device=x.device, dtype=torch.float32) if needs_grad else y
@@ -266,7 +269,7 @@ class ShortConvFunction(torch.autograd.Function):
                     x,
                     scale,
                     nw,
-                    state if state is not None else x,
+                    state.transpose(1, 2).contiguous() if state is not None else x,
                     cw,
                     y,
                     acc,
@@ -292,7 +295,7 @@ class ShortConvFunction(torch.autograd.Function):
     def backward(ctx, dy, _dstate):
         x, nw, cw, scale, acc, state = ctx.saved_tensors
         B, T, M, D = x.shape
-        C, K = cw.shape
+        K, C = cw.shape
         dil = ctx.dilation
         S = (K - 1) * dil
         dy = dy.contiguous()
@@ -308,7 +311,7 @@ class ShortConvFunction(torch.autograd.Function):
                 )
                 _norm_bwd[(B * T * M,)](dxn, dy, x, nw, scale, dx, D, M, **row_config(D))
         sums = part.sum(0)
-        dcw = sums[:K].t()
+        dcw = sums[:K].t()  # [C, K]
         dnw = sums[K].view(M, D)
         if state is not None and B * T:
             # Taps that reached into the cached state (the first S positions): a few columns, in torch.
@@ -342,7 +345,7 @@ def short_conv_step(x, conv: ConvParams, mask, state):
             scale,
             conv.norm.weight.contiguous(),
             state,
-            conv.weight.reshape(C, K).contiguous(),
+            conv.weight.reshape(C, K).t().contiguous(),
             y,
             D,
             n_dblk,
