@@ -33,9 +33,11 @@ def row_config(D: int) -> dict:
 
 
 def conv_config(D: int) -> dict:
-    """Conv forward and decode step: one token (or batch row) by a chunk of one branch's channels."""
+    """Conv forward: one token by a chunk of one branch's channels. Each of the K taps loads the
+    input, the state and the weights for its channels, all in flight at once: 4 channels a thread
+    keeps that under the register file (8 spilled at K >= 4 on sm_90a)."""
     block = min(next_power_of_2(D), MAX_ROW_BLOCK)
-    return dict(BLOCK_D=block, num_warps=_warps(block))
+    return dict(BLOCK_D=block, num_warps=_warps(block, per_thread=4))
 
 
 def step_config(D: int, S: int) -> dict:
@@ -49,11 +51,12 @@ def step_config(D: int, S: int) -> dict:
 
 def conv_bwd_config(D: int) -> dict:
     """Conv backward: a tile of BLOCK_T tokens by BLOCK_D channels, whose weight gradients are
-    summed over the tile's tokens in registers (five live fp32 tiles: 8 warps keep them at 40
-    registers a thread)."""
+    summed over the tile's tokens in registers. Each tap keeps a few fp32 tiles live; 8 elements
+    of a tile per thread keeps the kernel near 100 registers (16 took up to 163 on sm_90a, one
+    block per SM)."""
     block = min(next_power_of_2(D), 256)
-    block_t = max(1, min(16, 4096 // block))
-    return dict(BLOCK_T=block_t, BLOCK_D=block, num_warps=_warps(block_t * block, per_thread=16))
+    block_t = max(1, min(16, 2048 // block))
+    return dict(BLOCK_T=block_t, BLOCK_D=block, num_warps=_warps(block_t * block))
 
 
 def gather_config(H: int, D: int) -> dict:
