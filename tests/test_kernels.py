@@ -110,7 +110,7 @@ def test_short_conv_matches_twin(M, D, K, dil, T, with_state, masked, dtype):
     state = torch.randn(B, C, S, generator=g).to(DEVICE, dtype) if with_state else None
     mask = (torch.rand(B, T, generator=g) > 0.3).long().to(DEVICE) if masked else None
     twin = [t.detach().clone().requires_grad_() for t in (x, nw, cw)]
-    y_k, s_k = conv_triton.ShortConvFunction.apply(x, nw, cw, dil, 1e-5, mask, state)
+    y_k, s_k = conv_triton.ShortConvFunction.apply(x, nw, cw, dil, 1e-5, mask, state, True)
     y_t, s_t = conv_naive.short_conv(twin[0], ConvParams(NormParams(twin[1], 1e-5), twin[2], dil), mask, state)
     torch.testing.assert_close(y_k, y_t, **TOL[dtype])
     torch.testing.assert_close(s_k, s_t, **TOL[dtype])

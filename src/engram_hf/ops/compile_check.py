@@ -204,7 +204,7 @@ def _model_launches(quick: bool) -> list[tuple]:
         mask = torch.ones(bsz, T, dtype=torch.long, **meta) if masked else None
         state = torch.zeros(bsz, M * D, (K - 1) * n, dtype=act, **meta) if stateful else None
         with torch.set_grad_enabled(train):
-            y, _ = ShortConvFunction.apply(x, nw, cw, n, 1e-5, mask, state)
+            y, _ = ShortConvFunction.apply(x, nw, cw, n, 1e-5, mask, state, train)
             if train:
                 y.backward(torch.zeros_like(y))
         if T == 1 and stateful and not train:  # generation: the decode step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..backend import use_triton
 from ..inputs import ConvParams
 from . import naive
@@ -13,7 +15,9 @@ def short_conv(x, conv: ConvParams, mask=None, state=None):
     if use_triton(x):
         from .triton import ShortConvFunction
 
-        return ShortConvFunction.apply(x, conv.norm.weight, conv.weight, conv.dilation, conv.norm.eps, mask, state)
+        return ShortConvFunction.apply(
+            x, conv.norm.weight, conv.weight, conv.dilation, conv.norm.eps, mask, state, torch.is_grad_enabled()
+        )
     return naive.short_conv(x, conv, mask, state)
 
 

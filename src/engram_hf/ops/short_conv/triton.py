@@ -246,7 +246,7 @@ def _next_state(prev, x, scale, norm_weight, S):
 
 class ShortConvFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, norm_weight, conv_weight, dilation, eps, mask, state):
+    def forward(ctx, x, norm_weight, conv_weight, dilation, eps, mask, state, grad_enabled):
         B, T, M, D = x.shape
         C, K = M * D, conv_weight.shape[-1]
         S = (K - 1) * dilation
@@ -257,7 +257,9 @@ class ShortConvFunction(torch.autograd.Function):
         # Tap-major weights [K, C] and a time-major state [B, S, C]: every load the kernels make
         # is a contiguous run of channels (16-byte vectors), not a stride-K or stride-S gather.
         cw = conv_weight.reshape(C, K).t().contiguous()
-        needs_grad = any(ctx.needs_input_grad[:3])
+        # needs_input_grad ignores no_grad mode: the caller says whether a backward can follow, so
+        # inference does not write the fp32 pre-activation the backward needs.
+        needs_grad = grad_enabled and any(ctx.needs_input_grad[:3])
         y = torch.empty_like(x)
         acc = torch.empty(B, T, C, device=x.device, dtype=torch.float32) if needs_grad else y
         cfg = conv_config(D)
@@ -323,7 +325,7 @@ class ShortConvFunction(torch.autograd.Function):
                 lag = (K - 1 - j) * dil
                 k = min(lag, n)  # positions t < lag read state[:, :, S - lag + t]
                 dcw[:, j] += (dacc[:, :k] * state[:, :, S - lag : S - lag + k].transpose(1, 2).float()).sum((0, 1))
-        return dx, dnw.to(nw.dtype), dcw.reshape(C, 1, K).to(cw.dtype), None, None, None, None
+        return dx, dnw.to(nw.dtype), dcw.reshape(C, 1, K).to(cw.dtype), None, None, None, None, None
 
 
 def short_conv_step(x, conv: ConvParams, mask, state):
