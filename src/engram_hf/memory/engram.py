@@ -80,7 +80,8 @@ class EngramMemory(nn.Module):
         """A copy of table rows ``[n, head_dim]`` (global row ids), wherever the table lives."""
         rows = rows.reshape(-1).long()
         if self.offloaded:
-            return self.table(rows.cpu()).clone()
+            with torch.no_grad():
+                return self.table(rows.cpu()).clone()
         return self.table.weight[rows.to(self.table.weight.device)].detach().clone()
 
     @torch.no_grad()

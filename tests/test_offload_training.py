@@ -1,0 +1,154 @@
+"""Training with offloaded tables equals resident training bit for bit, and never writes the
+checkpoint it was loaded from."""
+
+import hashlib
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engram_hf.optim import build_optimizer
+from engram_hf.optim.rowwise import optimizer_state_bytes_per_row
+
+from conftest import corpus_blocks, cpu_training_args, tiny_model
+
+TIERS = [dict(engram_offload="cpu"), dict(engram_offload="disk"), dict(engram_offload="disk", engram_cache_rows=64)]
+TIER_IDS = ["cpu", "disk", "disk-cache"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("train-offload")
+    tiny_model().save_pretrained(path)
+    return path
+
+
+def _digest(path):
+    return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(path.glob("*.safetensors")))).hexdigest()
+
+
+def _table(model, layer):
+    engram = model.engram_layers()[layer]
+    if engram.offloaded:
+        return engram.table.store.rows.read_range(0, engram.num_table_rows).clone()
+    return engram.table.weight.detach().clone()
+
+
+def _assert_same_dense(a, b):
+    """Every parameter both models have (an offloaded table is no parameter) is bit-identical."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    common = pa.keys() & pb.keys()
+    assert len(common) >= len(pb) - 2 and common
+    for name in sorted(common):
+        assert torch.equal(pa[name], pb[name]), name
+
+
+def _train(model, opt, steps, accumulate=1):
+    blocks = corpus_blocks()
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        total = 0.0
+        for micro in range(accumulate):
+            ids = torch.stack([blocks[(step * accumulate + micro) * 2 + j]["input_ids"] for j in range(2)])
+            loss = model(ids, labels=ids).loss
+            (loss / accumulate).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        losses.append(total)
+    return losses
+
+
+@pytest.mark.parametrize("mode", ["adagrad", "adam"])
+@pytest.mark.parametrize("tier", TIERS, ids=TIER_IDS)
+def test_offloaded_training_equals_resident_bit_for_bit(ckpt, tmp_path, tier, mode):
+    before = _digest(ckpt)
+    resident = AutoModelForCausalLM.from_pretrained(ckpt).train()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, **tier).train()
+    opt_r = build_optimizer(resident, lr=1e-2, table_optimizer=mode)
+    opt_o = build_optimizer(model, lr=1e-2, table_optimizer=mode, offload_dir=tmp_path / "work")
+    losses_r = _train(resident, opt_r, 4, accumulate=2)
+    losses_o = _train(model, opt_o, 4, accumulate=2)
+    assert losses_o == losses_r, "the loss curves differ"
+    for layer in model.config.engram_layer_ids:
+        assert torch.equal(_table(model, layer), _table(resident, layer)), f"layer {layer} table differs"
+        assert not torch.equal(_table(model, layer), _table(AutoModelForCausalLM.from_pretrained(ckpt), layer))
+    _assert_same_dense(resident, model)
+    assert _digest(ckpt) == before, "training must never write the checkpoint it was loaded from"
+
+
+def test_trained_offloaded_model_saves_and_reloads(ckpt, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(ckpt, engram_offload="disk").train()
+    opt = build_optimizer(model, lr=1e-2, offload_dir=tmp_path / "work")
+    _train(model, opt, 2)
+    model.save_pretrained(tmp_path / "saved")
+    names = sorted(p.name for p in (tmp_path / "saved").glob("*.safetensors"))
+    assert names == ["model-dense.safetensors", "model-engram-table-0.safetensors", "model-engram-table-1.safetensors"]
+    resident = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", engram_offload="disk").eval()
+    ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.eval()
+        expected = model(ids).logits
+        assert torch.equal(resident(ids).logits, expected)
+        assert torch.equal(offloaded(ids).logits, expected)
+    for layer in model.config.engram_layer_ids:
+        assert torch.equal(_table(resident, layer), _table(model, layer))
+
+
+def test_disk_training_needs_a_work_directory(ckpt):
+    model = AutoModelForCausalLM.from_pretrained(ckpt, engram_offload="disk")
+    with pytest.raises(ValueError, match="pass a work directory"):
+        build_optimizer(model, lr=1e-2)
+
+
+def test_default_table_optimizer_state_is_small(ckpt, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(ckpt, engram_offload="disk")
+    opt = build_optimizer(model, lr=1e-2, offload_dir=tmp_path / "work")
+    for engram in model.engram_layers().values():
+        assert optimizer_state_bytes_per_row(opt, engram.table.grad_anchor) == 4.0  # row-wise Adagrad
+    resident = tiny_model()
+    opt = build_optimizer(resident, lr=1e-2)
+    for engram in resident.engram_layers().values():
+        assert optimizer_state_bytes_per_row(opt, engram.table.weight) == 4.0
+
+
+def test_frozen_offloaded_tables_collect_no_gradients(ckpt):
+    """Without a table optimizer (e.g. LoRA on the rest), an offloaded table is inference-only."""
+    model = AutoModelForCausalLM.from_pretrained(ckpt, engram_offload="cpu").train()
+    ids = corpus_blocks()[0]["input_ids"][None]
+    model(ids, labels=ids).loss.backward()
+    assert all(not e.table.take_row_gradients() for e in model.engram_layers().values())
+
+
+@pytest.mark.parametrize("tier", [dict(), *TIERS], ids=["resident", *TIER_IDS])
+def test_engram_trainer_resumes_exactly(ckpt, tmp_path, tier):
+    from engram_hf.training import EngramTrainer
+
+    blocks = corpus_blocks()
+
+    def run(out, steps, resume=None, save_steps=None):
+        path = resume or ckpt
+        model = AutoModelForCausalLM.from_pretrained(path, **tier).train()
+        args = cpu_training_args(
+            out,
+            steps,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_grad_norm=1.0,
+            save_strategy="steps" if save_steps else "no",
+            save_steps=save_steps or 500,
+        )
+        opt = build_optimizer(model, lr=args.learning_rate, offload_dir=out / "engram-work")
+        trainer = EngramTrainer(model=model, args=args, train_dataset=blocks, optimizers=(opt, None))
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        return trainer, model
+
+    _, full = run(tmp_path / "full", 6)
+    run(tmp_path / "part", 6, save_steps=3)
+    checkpoint = tmp_path / "part" / "checkpoint-3"
+    _, resumed = run(tmp_path / "part", 6, resume=checkpoint)
+    for layer in full.config.engram_layer_ids:
+        assert torch.equal(_table(resumed, layer), _table(full, layer)), layer
+    _assert_same_dense(full, resumed)
