@@ -60,7 +60,7 @@ def _train(model, opt, steps, accumulate=1):
     return losses
 
 
-@pytest.mark.parametrize("mode", ["adagrad", "adam"])
+@pytest.mark.parametrize("mode", ["adagrad", pytest.param("adam", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("tier", TIERS, ids=TIER_IDS)
 def test_offloaded_training_equals_resident_bit_for_bit(ckpt, tmp_path, tier, mode):
     before = _digest(ckpt)
@@ -122,7 +122,11 @@ def test_frozen_offloaded_tables_collect_no_gradients(ckpt):
     assert all(not e.table.take_row_gradients() for e in model.engram_layers().values())
 
 
-@pytest.mark.parametrize("tier", [dict(), *TIERS], ids=["resident", *TIER_IDS])
+@pytest.mark.parametrize(
+    "tier",
+    [dict(), TIERS[0], pytest.param(TIERS[1], marks=pytest.mark.slow), pytest.param(TIERS[2], marks=pytest.mark.slow)],
+    ids=["resident", *TIER_IDS],
+)
 def test_engram_trainer_resumes_exactly(ckpt, tmp_path, tier):
     from engram_hf.training import EngramTrainer
 
@@ -152,3 +156,76 @@ def test_engram_trainer_resumes_exactly(ckpt, tmp_path, tier):
     for layer in full.config.engram_layer_ids:
         assert torch.equal(_table(resumed, layer), _table(full, layer)), layer
     _assert_same_dense(full, resumed)
+
+
+def test_background_updates_equal_inline_updates(ckpt, tmp_path, monkeypatch):
+    """With an accelerator, table updates run on the fetch worker and overlap the next forward; the
+    rows every forward reads must still be the updated ones. Exercised on CPU by pretending the
+    compute device needs transfers."""
+    from engram_hf.offload import table as table_mod
+
+    inline = AutoModelForCausalLM.from_pretrained(ckpt, engram_offload="disk").train()
+    losses_inline = _train(inline, build_optimizer(inline, lr=1e-2, offload_dir=tmp_path / "a"), 3)
+    monkeypatch.setattr(table_mod.OffloadedTable, "background_fetch", staticmethod(lambda device: True))
+    background = AutoModelForCausalLM.from_pretrained(ckpt, engram_offload="disk").train()
+    losses_background = _train(background, build_optimizer(background, lr=1e-2, offload_dir=tmp_path / "b"), 3)
+    assert losses_background == losses_inline
+    for layer in inline.config.engram_layer_ids:
+        background.engram_layers()[layer].table.wait_updates()
+        assert torch.equal(_table(background, layer), _table(inline, layer))
+
+
+def test_new_checkpoint_with_streamed_tables_loads_on_every_tier(tmp_path):
+    from engram_hf import EngramMoEForCausalLM
+    from engram_hf.offload.create import save_new_checkpoint
+
+    from conftest import tiny_config
+
+    path = save_new_checkpoint(EngramMoEForCausalLM, tiny_config(), tmp_path / "new", seed=3)
+    resident = AutoModelForCausalLM.from_pretrained(path).eval()
+    std = resident.engram_layers()[0].table.weight.std().item()
+    assert 0.015 < std < 0.025  # initializer_range 0.02, drawn block by block
+    ids = torch.randint(2, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = resident(ids).logits
+        for tier in ("cpu", "disk"):
+            assert torch.equal(
+                AutoModelForCausalLM.from_pretrained(path, engram_offload=tier).eval()(ids).logits, expected
+            )
+
+
+@pytest.mark.slow
+def test_train_cli_with_disk_tables_and_resume(tmp_path):
+    from engram_hf.cli import main
+
+    (tmp_path / "a.txt").write_text(corpus_text := ("Shall I compare thee to a summer's day? " * 300))
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        str(tmp_path / "a.txt"),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--block-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--vocab-size",
+        "300",
+        "--engram-offload",
+        "disk",
+        "--engram-cache-rows",
+        "64",
+        "--save-steps",
+        "2",
+        "--set",
+        "hc_mult=1",
+    ]
+    assert main(args) == 0
+    assert not (out / "engram-work").exists() and not (out / "initial").exists()
+    assert (out / "checkpoints" / "checkpoint-2" / "model.safetensors.index.json").exists()
+    assert main(args + ["--resume", str(out / "checkpoints" / "checkpoint-2")]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out / "model", engram_offload="disk")
+    assert len(corpus_text) and model.engram_table_parameters() > 0
