@@ -229,3 +229,15 @@ def test_train_cli_with_disk_tables_and_resume(tmp_path):
     assert main(args + ["--resume", str(out / "checkpoints" / "checkpoint-2")]) == 0
     model = AutoModelForCausalLM.from_pretrained(out / "model", engram_offload="disk")
     assert len(corpus_text) and model.engram_table_parameters() > 0
+
+
+def test_offloaded_tables_train_under_bf16_autocast(ckpt, tmp_path):
+    from engram_hf.training import EngramTrainer
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, engram_offload="cpu").train()
+    before = _table(model, 0)
+    args = cpu_training_args(tmp_path, 2, per_device_train_batch_size=4, bf16=True)
+    opt = build_optimizer(model, lr=1e-2)
+    EngramTrainer(model=model, args=args, train_dataset=corpus_blocks(), optimizers=(opt, None)).train()
+    after = _table(model, 0)
+    assert after.dtype == torch.float32 and not torch.equal(after, before)
