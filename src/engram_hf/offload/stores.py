@@ -126,7 +126,7 @@ class DiskRowStore(RowStore):
 
     tier = "disk"
 
-    def __init__(self, path: str | Path, key: str):
+    def __init__(self, path: str | Path, key: str, row_range: tuple[int, int] | None = None):
         header, data_start = safetensors_header(path)
         if key not in header:
             raise KeyError(f"{path} holds no tensor {key!r}.")
@@ -158,6 +158,11 @@ class DiskRowStore(RowStore):
                 self._map, dtype=self.dtype, count=self.num_rows * self.dim, offset=data_start + begin
             )
         self.table = flat.view(self.num_rows, self.dim)
+        if row_range is not None:
+            # One rank's shard of a row-sharded table: a view of its rows, nothing else is touched.
+            start, stop = row_range
+            self.table = self.table[start:stop]
+            self.num_rows = stop - start
         self.rows = ReadOnlyRows(self.table)
         self.work_dir: Path | None = None
 

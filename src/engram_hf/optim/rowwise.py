@@ -345,7 +345,7 @@ class EngramOptimizer(torch.optim.Optimizer):
             arrays = {name: rows for name, rows in table.store.states.items()}
             if not arrays:
                 continue
-            path = directory / f"engram-optimizer-{index}.safetensors"
+            path = directory / _state_file(index, table)
             meta = {"step": json.dumps(float(self.state[anchor]["step"])), "table": table.describe()}
             write_streamed(path, arrays, metadata=meta)
             written.append(path)
@@ -357,7 +357,7 @@ class EngramOptimizer(torch.optim.Optimizer):
 
         directory = Path(directory)
         for index, (anchor, table) in self.offloaded_tables().items():
-            path = directory / f"engram-optimizer-{index}.safetensors"
+            path = directory / _state_file(index, table)
             kind = next(g["kind"] for g in self.param_groups if any(p is anchor for p in g["params"]))
             if not path.exists():
                 if self.state[anchor].get("offloaded"):
@@ -373,12 +373,20 @@ class EngramOptimizer(torch.optim.Optimizer):
                 for name, target in arrays.items():
                     block = 1 << 16
                     sl = f.get_slice(name)
-                    for start in range(0, table.num_embeddings, block):
-                        stop = min(start + block, table.num_embeddings)
+                    for start in range(0, table.shape[0], block):
+                        stop = min(start + block, table.shape[0])
                         target.write(torch.arange(start, stop), sl[start:stop])
             self.state[anchor]["step"] = torch.tensor(float(json.loads(meta["step"])))
             self.state[anchor]["offloaded"] = _store_token(table)
             self._unrestored.discard(id(anchor))
+
+
+def _state_file(index: int, table) -> str:
+    """Where a table's optimizer state is saved; a row-sharded table's, one file per rank (its rows)."""
+    sharding = getattr(table, "sharding", None)
+    if sharding is not None:
+        return f"engram-optimizer-{index}-rank{sharding.rank}-of-{sharding.world_size}.safetensors"
+    return f"engram-optimizer-{index}.safetensors"
 
 
 def _store_token(table) -> int:
@@ -432,7 +440,7 @@ def optimizer_state_bytes_per_row(optimizer: EngramOptimizer, table: torch.Tenso
     owner = getattr(table, _TABLE_OF_ANCHOR, None)
     if owner is not None:
         total = sum(r.tensor.numel() * r.tensor.element_size() for r in owner.store.states.values())
-        return total / owner.num_embeddings
+        return total / owner.shape[0]
     state = optimizer.state.get(table, {})
     total = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
     return total / table.shape[0] if math.prod(table.shape) else 0.0

@@ -50,11 +50,25 @@ class EngramTrainer(Trainer):
         model = _engram_model(self.model)
         return {} if model is None else {i: e for i, e in model.engram_layers().items() if e.offloaded}
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        model = _engram_model(self.model)
+        if model is not None and getattr(model.config, "engram_shard", False):
+            # Row-sharded tables save collectively: every rank writes its rows (Trainer would let
+            # only the main process save).
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            model.save_pretrained(output_dir)
+            if self.args.should_save and self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            return
+        super().save_model(output_dir, _internal_call)
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         optimizer = _unwrap_optimizer(self.optimizer)
-        if optimizer is not None and self.args.should_save:
-            optimizer.save_offloaded_state(output_dir)
+        model = _engram_model(self.model)
+        sharded = model is not None and getattr(model.config, "engram_shard", False)
+        if optimizer is not None and (self.args.should_save or sharded):
+            optimizer.save_offloaded_state(output_dir)  # sharded tables: every rank saves its rows' state
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -383,6 +383,12 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         from engram_hf.offload.safetensors_io import add_streamed_tables
         from engram_hf.utils import atomic_save_pretrained
 
+        if getattr(self.config, "engram_shard", False):
+            # Collective: every rank writes its rows of every table into one standard checkpoint.
+            from engram_hf.distributed.checkpoint import save_sharded_pretrained
+
+            save_dense = super().save_pretrained
+            return save_sharded_pretrained(self, save_directory, lambda tmp: save_dense(tmp, *args, **kwargs))
         offloaded = {key: e for key, e in self.engram_table_keys().items() if e.offloaded}
         if offloaded and (kwargs.get("push_to_hub") or kwargs.get("state_dict") is not None):
             raise ValueError("A model with offloaded tables saves to a local directory, without a state_dict argument.")
@@ -404,7 +410,15 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         return atomic_save_pretrained(write, save_directory)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, engram_offload=None, engram_cache_rows=0, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        engram_offload=None,
+        engram_cache_rows=0,
+        engram_shard=False,
+        **kwargs,
+    ):
         """transformers' ``from_pretrained`` plus where the Engram tables live:
 
         * ``engram_offload=None``: tables are ordinary parameters, placed like any other (by
@@ -419,6 +433,10 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         model through accelerate, as for any transformers model; they combine with ``engram_offload``.
         Offloaded outputs are bit-identical to the resident model's. A table too large for its tier
         fails here, before any of it is read.
+
+        ``engram_shard=True`` (under ``torch.distributed``) splits every table by rows over the
+        ranks: each rank reads only its rows, kept on its tier (``None``: the compute device); see
+        ``engram_hf.distributed``.
         """
         model = engram_from_pretrained(
             super().from_pretrained,
@@ -427,6 +445,7 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
             *args,
             engram_offload=engram_offload,
             engram_cache_rows=engram_cache_rows,
+            engram_shard=engram_shard,
             **kwargs,
         )
         # Fail at load time, not at the first forward, if the stored compression table and the config
