@@ -90,19 +90,31 @@ def test_sharded_forward_equals_one_process(ckpt, tmp_path, world, tier):
 
 
 # ---------------------------------------------------------------------------------------- training
-def _train_worker(rank, world, ckpt, tier, out):
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
+def _train_worker(rank, world, ckpt, tier, out, parallel="ddp"):
     from engram_hf.optim import build_optimizer
 
     model = AutoModelForCausalLM.from_pretrained(ckpt, engram_shard=True, engram_offload=tier).train()
+    if parallel == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        wrapped = model
+    else:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(model, find_unused_parameters=True)
     opt = build_optimizer(model, lr=1e-2, offload_dir=f"{out}/work")
-    ddp = DDP(model, find_unused_parameters=True)
     ids = _batch(rank)
-    ddp(ids, labels=ids).loss.backward()
-    # Dense gradients (averaged by DDP) before the step: Adam's first step divides by sqrt(v) and
-    # would blow float rounding up near zero gradients.
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    wrapped(ids, labels=ids).loss.backward()
+    # Dense gradients (averaged over ranks) before the step: Adam's first step divides by sqrt(v)
+    # and would blow float rounding up near zero gradients.
+    grads = {}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            grads[n] = g.detach().clone()
     opt.step()
     state = {}
     for i, e in model.engram_layers().items():
@@ -113,11 +125,18 @@ def _train_worker(rank, world, ckpt, tier, out):
         save_file(grads, f"{out}/dense_grads.safetensors")
 
 
-@pytest.mark.parametrize("world,tier", [(2, None), pytest.param(3, "disk", marks=pytest.mark.slow)])
-def test_sharded_training_step_equals_one_process(ckpt, tmp_path, world, tier):
+@pytest.mark.parametrize(
+    "world,tier,parallel",
+    [
+        (2, None, "ddp"),
+        pytest.param(3, "disk", "ddp", marks=pytest.mark.slow),
+        pytest.param(2, "cpu", "fsdp2", marks=pytest.mark.slow),
+    ],
+)
+def test_sharded_training_step_equals_one_process(ckpt, tmp_path, world, tier, parallel):
     from engram_hf.optim import build_optimizer
 
-    _spawn(_train_worker, world, str(ckpt), tier, str(tmp_path))
+    _spawn(_train_worker, world, str(ckpt), tier, str(tmp_path), parallel)
     reference = AutoModelForCausalLM.from_pretrained(ckpt).train()
     opt = build_optimizer(reference, lr=1e-2)
     ids = torch.cat([_batch(r) for r in range(world)])  # the ranks' batches, as one batch
