@@ -14,7 +14,8 @@ import torch
 import engram_hf.offload.stores as stores
 from engram_hf.offload import table as table_mod
 from engram_hf.offload.loading import TableInfo, check_table_memory, host_bytes
-from engram_hf.offload.stores import HostRowStore, RowCache, gather_rows
+from engram_hf.offload.rows import TensorRows
+from engram_hf.offload.stores import HostRowStore, RowCache, read_rows
 from engram_hf.offload.table import OffloadedTable
 
 
@@ -147,7 +148,7 @@ def test_pinning_refused_by_the_driver_warns_and_stays_correct(monkeypatch):
 def test_gather_writes_rows_straight_into_a_fresh_buffer():
     table = torch.randn(50, 6)
     rows = torch.tensor([7, 0, 49, 7])
-    out = gather_rows(table, rows, pin=False)
+    out = read_rows(TensorRows(table), rows, pin=False)
     assert torch.equal(out, table[rows])
     assert out.data_ptr() != table.data_ptr() and out.shape == (4, 6)
     cache = RowCache(HostRowStore(table, pin=False), 8)

@@ -64,6 +64,9 @@ def _train(args) -> int:
         lora_r=args.lora_r,
         lora_targets=tuple(args.lora_targets),
         seed=args.seed,
+        init_from=args.init_from,
+        engram_offload=None if args.engram_offload == "none" else args.engram_offload,
+        engram_cache_rows=args.engram_cache_rows,
     )
     check_spec(spec)
     texts = read_texts(args.data, args.text_field) if args.data else texts_from_dataset(args.dataset, args.text_field)
@@ -152,10 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--table-lr", type=float, help="Engram table learning rate (default 5 x --lr)")
     tr.add_argument(
         "--table-optimizer",
-        choices=["adam", "adagrad", "dense"],
-        default="adam",
-        help="row-wise sparse Adam / row-wise Adagrad / plain AdamW on dense table gradients",
+        choices=["adagrad", "adam", "dense"],
+        default="adagrad",
+        help="row-wise Adagrad (4 bytes of state per row) / lazy row-wise Adam (8 bytes per element) / plain AdamW "
+        "on dense table gradients",
     )
+    tr.add_argument("--init-from", help="an EngramMoE checkpoint to continue training (default: a new model)")
+    tr.add_argument(
+        "--engram-offload",
+        choices=["none", "cpu", "disk"],
+        default="none",
+        help="train with the tables in host RAM or on disk (rows and optimizer state stay there)",
+    )
+    tr.add_argument("--engram-cache-rows", type=int, default=0, help="hot-row cache per offloaded table")
     tr.add_argument("--weight-decay", type=float, default=0.0)
     tr.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only the final model)")
     tr.add_argument("--resume", help="a checkpoint directory under OUT/checkpoints to resume from")

@@ -35,8 +35,12 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _sibling(target: Path, kind: str) -> Path:
+def temp_sibling(target: Path, kind: str = "tmp") -> Path:
+    """A fresh name beside ``target`` for a temp copy, tagged with this process (for crash cleanup)."""
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+_sibling = temp_sibling
 
 
 def remove_stale_siblings(target: Path) -> None:
@@ -129,24 +133,30 @@ def atomic_write_dir(
     os.mkdir(tmp)  # mode 0777 & ~umask, like any directory the user makes
     try:
         write(tmp)
-        _apply_umask(tmp)
-        if target.exists():
-            if keep_existing is not None:
-                _carry_over(target, tmp, keep_existing)
-            if _exchange(tmp, target):
-                shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous version
-            else:
-                old = _sibling(target, _OLD)
-                os.replace(target, old)
-                os.replace(tmp, target)
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        commit_dir(tmp, target, keep_existing)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def commit_dir(tmp: Path, target: Path, keep_existing: Callable[[str], bool] | None = None) -> None:
+    """Put the finished directory ``tmp`` in place of ``target`` in one atomic swap (the second half
+    of ``atomic_write_dir``, for writers that fill ``tmp`` together, such as several ranks)."""
+    _apply_umask(tmp)
+    if target.exists():
+        if keep_existing is not None:
+            _carry_over(target, tmp, keep_existing)
+        if _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous version
+        else:
+            old = _sibling(target, _OLD)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    _fsync_dir(target.parent)
 
 
 def atomic_write_file(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -178,11 +188,12 @@ _MODEL_FILES = (
 )
 
 
+def keep_non_model_files(name: str) -> bool:
+    """Whether a file of a previous checkpoint survives a new save into the same directory."""
+    return not any(fnmatch.fnmatch(name, pattern) for pattern in _MODEL_FILES)
+
+
 def atomic_save_pretrained(save: Callable[[Path], None], save_directory: str | os.PathLike) -> Path:
     """``save(tmp)`` (a transformers ``save_pretrained``) made atomic; other files in the directory
     (a tokenizer, a model card) are kept."""
-
-    def keep(name: str) -> bool:
-        return not any(fnmatch.fnmatch(name, pattern) for pattern in _MODEL_FILES)
-
-    return atomic_write_dir(save_directory, save, keep_existing=keep)
+    return atomic_write_dir(save_directory, save, keep_existing=keep_non_model_files)

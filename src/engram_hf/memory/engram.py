@@ -46,7 +46,11 @@ class EngramMemory(nn.Module):
 
         self.hasher = HashBuffers(layer_hash)
         tier = getattr(config, "engram_offload", None)
-        if tier:
+        if getattr(config, "engram_shard", False):
+            from ..distributed.table import ShardedTable
+
+            self.table = ShardedTable(layer_hash.num_rows, self.head_dim, tier)
+        elif tier:
             self.table = OffloadedTable(layer_hash.num_rows, self.head_dim, tier)
         else:
             self.table = nn.Embedding(layer_hash.num_rows, self.head_dim)
@@ -64,7 +68,8 @@ class EngramMemory(nn.Module):
 
     @property
     def offloaded(self) -> bool:
-        return isinstance(self.table, OffloadedTable)
+        """True when the table is no parameter: offloaded (host RAM, disk) or sharded over ranks."""
+        return not isinstance(self.table, nn.Embedding)
 
     @property
     def num_table_rows(self) -> int:
@@ -80,7 +85,8 @@ class EngramMemory(nn.Module):
         """A copy of table rows ``[n, head_dim]`` (global row ids), wherever the table lives."""
         rows = rows.reshape(-1).long()
         if self.offloaded:
-            return self.table(rows.cpu()).clone()
+            with torch.no_grad():
+                return self.table(rows.cpu()).clone()
         return self.table.weight[rows.to(self.table.weight.device)].detach().clone()
 
     @torch.no_grad()

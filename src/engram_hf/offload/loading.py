@@ -156,12 +156,33 @@ def execution_device(model) -> torch.device:
     return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
-def engram_from_pretrained(load, config_class, path, *args, engram_offload=None, engram_cache_rows=0, **kwargs):
+def open_shard_store(info: TableInfo, tier: str | None, row_range: tuple[int, int], device):
+    """One rank's rows of a table: a view of the memory map for "disk", else read into RAM (and, for
+    a resident shard, moved to the compute device). Only these rows are read."""
+    if tier == "disk":
+        return DiskRowStore(info.file, info.key, row_range=row_range)
+    from safetensors import safe_open
+
+    with safe_open(info.file, framework="pt") as f:
+        rows = f.get_slice(info.key)[row_range[0] : row_range[1]]
+    if tier is None:
+        return HostRowStore(rows.to(device), pin=False)
+    return HostRowStore(rows)
+
+
+def engram_from_pretrained(
+    load, config_class, path, *args, engram_offload=None, engram_cache_rows=0, engram_shard=False, **kwargs
+):
     """``load(path, *args, **kwargs)`` (transformers' ``from_pretrained``) with the tables on their tier."""
     if engram_offload is None:
         # AutoModel* passes engram_offload through AutoConfig (it is a config field).
         engram_offload = getattr(kwargs.get("config"), "engram_offload", None)
+    engram_shard = engram_shard or getattr(kwargs.get("config"), "engram_shard", False)
     tier = check_tier(engram_offload)
+    if engram_shard:
+        return _sharded_from_pretrained(
+            load, config_class, path, *args, tier=tier, cache_rows=engram_cache_rows, **kwargs
+        )
     cache_rows = check_cache_rows(engram_cache_rows, tier)
     try:
         tables = checkpoint_tables(path, **hub_kwargs(kwargs))
@@ -187,4 +208,40 @@ def engram_from_pretrained(load, config_class, path, *args, engram_offload=None,
         device = execution_device(model)
         # The hot-row cache sits where rows are consumed for host tables, in RAM for disk tables.
         model.bind_engram_stores(stores, cache_rows, device if tier == "cpu" else "cpu")
+    return model
+
+
+def _sharded_from_pretrained(load, config_class, path, *args, tier, cache_rows, **kwargs):
+    """Every rank loads the dense weights and only its own rows of every table."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "engram_shard=True splits tables over the ranks of torch.distributed: launch with torchrun or "
+            "accelerate launch and call torch.distributed.init_process_group() first."
+        )
+    if isinstance(cache_rows, bool) or not isinstance(cache_rows, int) or cache_rows < 0:
+        raise ValueError(f"engram_cache_rows must be an integer >= 0, got {cache_rows!r}.")
+    from ..distributed.sharding import RowSharding
+
+    tables = checkpoint_tables(path, **hub_kwargs(kwargs))
+    if not tables:
+        raise FileNotFoundError(f"{path} holds no Engram tables in safetensors files to shard.")
+    config = kwargs.pop("config", None)
+    config = copy.deepcopy(config) if config is not None else config_class.from_pretrained(path, **hub_kwargs(kwargs))
+    config.engram_offload, config.engram_shard = tier, True
+    kwargs["config"] = config
+    model = load(path, *args, **kwargs)
+    device = execution_device(model)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    stores = {}
+    for layer, info in tables.items():
+        sharding = RowSharding(info.rows, world, rank)
+        if tier in (None, "cpu"):
+            check_table_memory(
+                {layer: TableInfo(layer, info.file, info.key, sharding.local_rows, info.dim, info.dtype)},
+                "cpu" if tier else None,
+            )
+        stores[layer] = open_shard_store(info, tier, (sharding.start, sharding.stop), device)
+    model.bind_engram_stores(stores, cache_rows, device if tier == "cpu" else "cpu")
     return model

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .rows import OverlayRows, TensorRows, mapped_file_tensor
+
 # safetensors dtype names of the tables we serve, and what they are in torch.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
@@ -47,13 +49,52 @@ def safetensors_header(path: str | Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+class ReadOnlyRows(TensorRows):
+    """Rows of a read-only memory map: writing them would fault, so it raises instead."""
+
+    def write(self, rows, values) -> None:
+        raise RuntimeError("This table is mapped read-only from its checkpoint; make its store trainable first.")
+
+
 class RowStore:
-    """A 2-D table served by rows. ``gather(rows)`` takes unique int64 CPU row ids."""
+    """A 2-D table served by rows. ``gather(rows)`` takes int64 CPU row ids.
+
+    ``rows`` is the table as a row array (``engram_hf.offload.rows``): what training reads and writes.
+    ``state(name, width)`` gives an optimizer state of ``width`` floats per row, kept where the
+    table lives (RAM for host tables, a work file beside the overlay for disk tables).
+    """
 
     tier = "resident"
 
     def __init__(self, num_rows: int, dim: int, dtype: torch.dtype):
         self.num_rows, self.dim, self.dtype = num_rows, dim, dtype
+        self.rows = None
+        self._states: dict[str, TensorRows] = {}
+
+    @property
+    def trainable(self) -> bool:
+        return True
+
+    def make_trainable(self, work_dir=None) -> None:
+        """Prepare the table to be written by training (disk tables need a work directory)."""
+
+    def _new_state(self, name: str, width: int) -> torch.Tensor:
+        state = torch.zeros(self.num_rows, width, dtype=torch.float32)
+        return state
+
+    def state(self, name: str, width: int = 1) -> TensorRows:
+        if name not in self._states:
+            if not self.trainable:
+                raise RuntimeError("Optimizer state for a read-only table: call make_trainable(work_dir) first.")
+            self._states[name] = TensorRows(self._new_state(name, width))
+        state = self._states[name]
+        if state.shape[1] != width:
+            raise ValueError(f"State {name!r} has width {state.shape[1]}, asked for {width}.")
+        return state
+
+    @property
+    def states(self) -> dict[str, TensorRows]:
+        return dict(self._states)
 
     @property
     def nbytes(self) -> int:
@@ -68,12 +109,17 @@ class RowStore:
         raise NotImplementedError
 
 
-def gather_rows(table: torch.Tensor, rows: torch.LongTensor, pin: bool) -> torch.Tensor:
-    """``table[rows]`` written straight into a new (pinned, if asked) buffer: no pageable copy in
-    between. Pinned buffers come from torch's caching host allocator, which reuses one only after
-    the copies reading it have finished."""
-    out = torch.empty(rows.shape[0], table.shape[1], dtype=table.dtype, pin_memory=pin)
-    return torch.index_select(table, 0, rows, out=out)
+def read_rows(array, rows: torch.LongTensor, pin: bool) -> torch.Tensor:
+    """``array.read(rows)`` (a row array, ``engram_hf.offload.rows``), in pinned memory if ``pin``.
+    A host tensor's rows are written straight into a new pinned buffer (no pageable copy in
+    between); pinned buffers come from torch's caching host allocator, which reuses one only after
+    the copies reading it have finished. Other arrays (a disk overlay) are read, then pinned."""
+    if pin and type(array) in (TensorRows, ReadOnlyRows) and array.tensor.device.type == "cpu":
+        table = array.tensor
+        out = torch.empty(rows.shape[0], table.shape[1], dtype=table.dtype, pin_memory=True)
+        return torch.index_select(table, 0, rows, out=out)
+    values = array.read(rows)
+    return values.pin_memory() if pin and values.device.type == "cpu" else values
 
 
 def pin_in_place(tensor: torch.Tensor) -> bool:
@@ -118,9 +164,10 @@ class HostRowStore(RowStore):
         if self.registered:
             # Runs when the store is freed, before the table it holds: registered memory is never freed.
             weakref.finalize(self, unpin, self.table.data_ptr())
+        self.rows = TensorRows(self.table)  # our own copy in RAM: training writes it in place
 
     def gather(self, rows, pin=False):
-        return gather_rows(self.table, rows, pin)
+        return read_rows(self.rows, rows, pin)
 
 
 class DiskRowStore(RowStore):
@@ -128,7 +175,7 @@ class DiskRowStore(RowStore):
 
     tier = "disk"
 
-    def __init__(self, path: str | Path, key: str):
+    def __init__(self, path: str | Path, key: str, row_range: tuple[int, int] | None = None):
         header, data_start = safetensors_header(path)
         if key not in header:
             raise KeyError(f"{path} holds no tensor {key!r}.")
@@ -141,7 +188,7 @@ class DiskRowStore(RowStore):
             raise ValueError(
                 f"{path}:{key}: {end - begin} bytes on disk for a {self.nbytes}-byte table (corrupt file?)."
             )
-        self.path = str(path)
+        self.path, self.key = str(path), key
         self._file = open(path, "rb")
         st = os.fstat(self._file.fileno())
         if st.st_size < data_start + end:
@@ -160,6 +207,38 @@ class DiskRowStore(RowStore):
                 self._map, dtype=self.dtype, count=self.num_rows * self.dim, offset=data_start + begin
             )
         self.table = flat.view(self.num_rows, self.dim)
+        if row_range is not None:
+            # One rank's shard of a row-sharded table: a view of its rows, nothing else is touched.
+            start, stop = row_range
+            self.table = self.table[start:stop]
+            self.num_rows = stop - start
+        self.rows = ReadOnlyRows(self.table)
+        self.work_dir: Path | None = None
+
+    @property
+    def trainable(self) -> bool:
+        return self.work_dir is not None
+
+    def make_trainable(self, work_dir=None) -> None:
+        """Train over the checkpoint's rows without writing the checkpoint: written rows go to a
+        sparse work file in ``work_dir`` (``engram_hf.offload.rows.OverlayRows``)."""
+        if self.work_dir is not None:
+            return
+        if work_dir is None:
+            raise ValueError(
+                f"Training a disk-offloaded table ({self.path}) writes its rows and optimizer state to work files: "
+                "pass a work directory (build_optimizer(..., offload_dir=DIR), or engram-hf train --out)."
+            )
+        self.work_dir = Path(work_dir)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        stem = self.work_dir / Path(self.key).name
+        self.rows = OverlayRows(self.table, mapped_file_tensor(f"{stem}.rows", tuple(self.table.shape), self.dtype))
+
+    def _new_state(self, name: str, width: int) -> torch.Tensor:
+        # Zeros that cost nothing until touched: a sparse file reads as zeros.
+        return mapped_file_tensor(
+            self.work_dir / f"{Path(self.key).name}.{name}.state", (self.num_rows, width), torch.float32
+        )
 
     def check_unchanged(self) -> None:
         st = os.fstat(self._file.fileno())
@@ -171,7 +250,7 @@ class DiskRowStore(RowStore):
 
     def gather(self, rows, pin=False):
         self.check_unchanged()
-        return gather_rows(self.table, rows, pin)
+        return read_rows(self.rows, rows, pin)
 
 
 class RowCache:
@@ -228,6 +307,15 @@ class RowCache:
         self.hits += rows.shape[0] - n_miss
         self.misses += n_miss
         return out
+
+    @torch.no_grad()
+    def update(self, rows: torch.LongTensor, values: torch.Tensor) -> None:
+        """Write-through: cached copies of ``rows`` (CPU int64) take their new ``values``."""
+        device = self.data.device
+        slots = (rows % self.capacity).to(device)
+        held = self.tags[slots] == rows.to(device)
+        if bool(held.any()):
+            self.data[slots[held]] = values.to(device, self.data.dtype)[held]
 
     def stats(self) -> dict:
         return {"capacity": self.capacity, "hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate}

@@ -6,9 +6,9 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops.hash_gather import row_gradient
 from .stores import RowCache, RowStore
 
 # One background worker serves every offloaded table: gathers are memory-bound, and ordering
@@ -64,14 +64,23 @@ class OffloadedTable(nn.Module):
         self.num_embeddings, self.embedding_dim, self.tier = num_embeddings, embedding_dim, tier
         self.store: RowStore | None = None
         self.cache: RowCache | None = None
-        self._pending: tuple[torch.Tensor, torch.Tensor, Future] | None = None
+        self._pending: tuple[torch.Tensor, Future] | None = None
         self.prefetched = 0
         self.synchronous = 0
         # Patched rows (sorted ids, values): served instead of the store's rows, which stay untouched.
         self._patch_rows: torch.LongTensor | None = None
         self._patch_values: torch.Tensor | None = None
+        # Training: the anchor stands for this table in autograd and in the optimizer (it has no
+        # elements); each backward leaves a sparse row gradient here for the optimizer to take.
+        self.grad_anchor = torch.zeros(0)
+        self.trainable = False
+        self._row_grads: list[torch.Tensor] = []
+        self.layer: int | None = None
+        # Optimizer updates running in the background (with an accelerator), in submission order.
+        self._updates: list[Future] = []
+        self._compute_device = torch.device("cpu")
 
-    def bind(self, store: RowStore, cache_rows: int = 0, cache_device="cpu") -> None:
+    def bind(self, store: RowStore, cache_rows: int = 0, cache_device="cpu", layer: int | None = None) -> None:
         if (store.num_rows, store.dim) != (self.num_embeddings, self.embedding_dim):
             raise ValueError(
                 f"Stored table is {store.num_rows}x{store.dim}, the config expects "
@@ -79,6 +88,68 @@ class OffloadedTable(nn.Module):
             )
         self.store = store
         self.cache = RowCache(store, cache_rows, cache_device) if cache_rows else None
+        self.layer = layer
+        # A new store is not trainable until an optimizer makes it so (the anchor object is kept:
+        # an optimizer built earlier still refers to it).
+        self.trainable = False
+        self.grad_anchor.requires_grad_(False)
+        self._row_grads = []
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_embeddings, self.embedding_dim)
+
+    def describe(self) -> str:
+        return f"layer {self.layer}: {self.num_embeddings}x{self.embedding_dim}"
+
+    # ------------------------------------------------------------------ training
+    def make_trainable(self, work_dir=None) -> None:
+        """Let training write this table where it lives (host RAM, or a disk work file in ``work_dir``)."""
+        if self.store is None:
+            raise RuntimeError("Offloaded Engram table has no store bound (load it with from_pretrained).")
+        if self._patch_rows is not None:
+            raise RuntimeError(
+                "This table serves patched rows (an edit); clear_patches() or merge them before training."
+            )
+        self.store.make_trainable(work_dir)
+        self.trainable = True
+        self.grad_anchor.requires_grad_(True)
+
+    def take_row_gradients(self) -> list[torch.Tensor]:
+        grads, self._row_grads = self._row_grads, []
+        return grads
+
+    @torch.no_grad()
+    def rows_written(self, rows: torch.LongTensor, values: torch.Tensor) -> None:
+        """The optimizer wrote ``rows`` in the store: cached copies follow. Like every access to the
+        cache, under the fetch lock and, for a GPU cache, on the device's copy stream."""
+        if self.cache is None:
+            return
+        if not self.cache.data.is_cuda:
+            with _FETCH_LOCK:
+                self.cache.update(rows, values)
+            return
+        stream = _copy_stream(self.cache.data.device)
+        with _FETCH_LOCK, torch.cuda.device(self.cache.data.device):
+            stream.wait_stream(torch.cuda.current_stream())  # values may still be computed there
+            with torch.cuda.stream(stream):
+                self.cache.update(rows, values)
+
+    def run_update(self, update) -> None:
+        """Run an optimizer update of this table's rows: in the background when compute is on an
+        accelerator, so it overlaps the next step's forward (whose row fetches queue behind it on the
+        same worker, so they read the updated rows); inline on CPU compute, where a thread would
+        only compete with the compute threads."""
+        if self.background_fetch(self._compute_device):
+            self._updates.append(_executor().submit(update))
+        else:
+            update()
+
+    def wait_updates(self) -> None:
+        """Block until every submitted update has landed (before reading the store directly)."""
+        updates, self._updates = self._updates, []
+        for future in updates:
+            future.result()
 
     @property
     def weight(self):
@@ -145,15 +216,18 @@ class OffloadedTable(nn.Module):
     def forward(self, rows: torch.LongTensor) -> torch.Tensor:
         if self.store is None:
             raise RuntimeError("Offloaded Engram table has no store bound (load it with from_pretrained).")
+        self._compute_device = rows.device
         pending, self._pending = self._pending, None
+        if pending is None or pending[0] is not rows:
+            self.wait_updates()  # a direct read must see every update; prefetches queue behind them
         if pending is not None and pending[0] is rows:
             values, inverse, event = pending[1].result()
             self.prefetched += 1
         elif rows.device.type == "cpu" and self.cache is None:
             # CPU compute reading RAM or the page cache: gather straight from the store.
             self.synchronous += 1
-            self.store.check_unchanged()
-            return self._apply_patches(rows, F.embedding(rows, self.store.table))
+            values = self.store.gather(rows.reshape(-1)).view(*rows.shape, self.embedding_dim)
+            return self._with_grad(rows, self._apply_patches(rows, values))
         else:
             values, inverse, event = self._fetch(rows, _ready_event(rows))
             self.synchronous += 1
@@ -162,7 +236,12 @@ class OffloadedTable(nn.Module):
             stream.wait_event(event)
             values.record_stream(stream)  # allocated on the copy stream, consumed on this one
             inverse.record_stream(stream)
-        return values[inverse]
+        return self._with_grad(rows, values[inverse])
+
+    def _with_grad(self, rows: torch.LongTensor, values: torch.Tensor) -> torch.Tensor:
+        if self.trainable and torch.is_grad_enabled():
+            return _RowGradients.apply(self.grad_anchor, values, rows, self)
+        return values
 
     @torch.no_grad()
     def patch_rows(self, rows: torch.LongTensor, values: torch.Tensor) -> None:
@@ -213,3 +292,18 @@ class OffloadedTable(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, tier={self.tier}"
+
+
+class _RowGradients(torch.autograd.Function):
+    """Identity on the gathered rows whose backward hands the table its sparse row gradient."""
+
+    @staticmethod
+    def forward(ctx, anchor, values, rows, table):
+        ctx.rows, ctx.table = rows, table
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        table = ctx.table
+        table._row_grads.append(row_gradient(ctx.rows, grad, table.shape, table.store.dtype))
+        return None, None, None, None

@@ -5,10 +5,19 @@ gradients (``set_sparse_table_grads``) backward never materialises a table-sized
 the row-wise modes below update only the touched rows, so a training step costs the same whatever
 the table size:
 
-* ``"adam"``: lazy Adam on touched rows (as ``torch.optim.SparseAdam``): two moments per element.
-* ``"adagrad"``: row-wise Adagrad (as FBGEMM's ``EXACT_ROWWISE_ADAGRAD``): one float32 per row, the
-  running sum of the row's mean squared gradient; 4 bytes of state per row.
+* ``"adagrad"`` (the default): row-wise Adagrad (FBGEMM's ``EXACT_ROWWISE_ADAGRAD``): one float32
+  per row, the running sum of the row's mean squared gradient; 4 bytes of state per row.
+* ``"adam"``: lazy Adam on touched rows (as ``torch.optim.SparseAdam``): two moments per element,
+  ``8 * dim`` bytes per row, allocated and touched when the optimizer is built (so no step pays for
+  first-touch page faults).
 * ``"dense"``: plain AdamW on the table like any other parameter (the correct, slow fallback).
+
+Tables may live anywhere: a resident parameter, or an offloaded table (``engram_offload="cpu"``
+or ``"disk"``) whose rows and optimizer state stay in host RAM or on disk. Every table is updated
+through the same row-array arithmetic (``engram_hf.offload.rows``), so offloaded training equals
+resident training bit for bit. An offloaded table joins the optimizer through its gradient anchor
+(a tensor with no elements); its state lives with its rows and is saved apart from
+``state_dict()`` with ``save_offloaded_state`` (``EngramTrainer`` does both).
 
 Groups carry ``kind``: ``"dense"``, ``"adam_rows"`` or ``"adagrad_rows"``. Every group honours
 ``lr`` (so LR schedulers work), ``betas``, ``eps`` and ``weight_decay`` (decoupled; never applied to
@@ -22,15 +31,23 @@ only, while each table row's step is normalised by its own Adam/Adagrad statisti
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..memory.engram import EngramMemory
+from ..offload.rows import TensorRows
 
 _ROW_KINDS = {"adam": "adam_rows", "adagrad": "adagrad_rows", "dense": "dense"}
 _PENDING = "_engram_pending_grads"
+# The attribute of an offloaded table's gradient anchor that names its table.
+_TABLE_OF_ANCHOR = "_engram_offloaded_table"
+# Per-row state of each row-wise kind: name -> floats per row (None: the table's width).
+_ROW_STATE = {"adagrad_rows": {"sum": 1}, "adam_rows": {"exp_avg": None, "exp_avg_sq": None}}
 
 
 def _stash_grad(p: torch.Tensor) -> None:
@@ -45,7 +62,24 @@ def _install_stash_hook(p: torch.Tensor) -> None:
         p.register_post_accumulate_grad_hook(_stash_grad)
 
 
+def _merge(grads: list[torch.Tensor], shape) -> torch.Tensor:
+    if all(g.is_sparse for g in grads):
+        if len(grads) == 1:
+            return grads[0]
+        return torch.sparse_coo_tensor(
+            torch.cat([g._indices() for g in grads], 1),
+            torch.cat([g._values() for g in grads]),
+            shape,
+            check_invariants=False,
+        )
+    return sum(g.to_dense() for g in grads)
+
+
 def _take_pending_grad(p: torch.Tensor) -> torch.Tensor | None:
+    table = getattr(p, _TABLE_OF_ANCHOR, None)
+    if table is not None:
+        grads = table.take_row_gradients()
+        return _merge(grads, table.shape) if grads else None
     pending = getattr(p, _PENDING, None)
     if not pending:
         return p.grad
@@ -53,14 +87,7 @@ def _take_pending_grad(p: torch.Tensor) -> torch.Tensor | None:
     pending.clear()
     if p.grad is not None:
         grads.append(p.grad)
-    if all(g.is_sparse for g in grads):
-        return torch.sparse_coo_tensor(
-            torch.cat([g._indices() for g in grads], 1),
-            torch.cat([g._values() for g in grads]),
-            p.shape,
-            check_invariants=False,
-        )
-    return sum(g.to_dense() for g in grads)
+    return _merge(grads, p.shape)
 
 
 def _engram_modules(model: nn.Module) -> list[EngramMemory]:
@@ -72,6 +99,7 @@ def set_sparse_table_grads(model: nn.Module, enabled: bool = True) -> int:
 
     Sparse gradients need an optimizer that accepts them (``EngramOptimizer`` row modes,
     ``torch.optim.SparseAdam``, ``torch.optim.Adagrad``); ``torch.optim.AdamW`` does not.
+    Offloaded tables always produce row gradients, and only while an optimizer trains them.
     """
     modules = _engram_modules(model)
     for m in modules:
@@ -79,21 +107,31 @@ def set_sparse_table_grads(model: nn.Module, enabled: bool = True) -> int:
     return len(modules)
 
 
+def _table_tensor(engram: EngramMemory) -> torch.Tensor:
+    """What stands for a table in the optimizer: the weight, or an offloaded table's anchor."""
+    if engram.offloaded:
+        anchor = engram.table.grad_anchor
+        setattr(anchor, _TABLE_OF_ANCHOR, engram.table)
+        return anchor
+    return engram.table.weight
+
+
 def engram_param_groups(
     model: nn.Module,
     lr: float,
     table_lr: float | None = None,
     weight_decay: float = 0.0,
-    table_optimizer: str = "adam",
+    table_optimizer: str = "adagrad",
 ) -> list[dict]:
     """Parameter groups: decayed dense weights, undecayed dense (biases, norms, 1-D), and tables.
 
     Tables get ``table_lr`` (default ``5 * lr``: the memory is updated sparsely, each row rarely)
-    and never weight decay.
+    and never weight decay. Offloaded tables appear through their gradient anchors.
     """
     if table_optimizer not in _ROW_KINDS:
         raise ValueError(f"table_optimizer must be one of {sorted(_ROW_KINDS)}, got {table_optimizer!r}.")
-    tables = {id(m.table.weight) for m in _engram_modules(model)}
+    engrams = _engram_modules(model)
+    tables = {id(e.table.weight) for e in engrams if not e.offloaded}
     decay, no_decay, table_params = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -104,6 +142,10 @@ def engram_param_groups(
             no_decay.append(p)
         else:
             decay.append(p)
+    offloaded = [e for e in engrams if e.offloaded and e.table.trainable]
+    if offloaded and table_optimizer == "dense":
+        raise ValueError("Offloaded tables train with a row-wise optimizer: use table_optimizer='adagrad' or 'adam'.")
+    table_params += [_table_tensor(e) for e in offloaded]
     groups = [
         {"params": decay, "lr": lr, "weight_decay": weight_decay, "kind": "dense", "name": "dense"},
         {"params": no_decay, "lr": lr, "weight_decay": 0.0, "kind": "dense", "name": "dense_no_decay"},
@@ -125,20 +167,58 @@ class EngramOptimizer(torch.optim.Optimizer):
                 f"Invalid hyper-parameters: lr={lr}, betas={betas}, eps={eps}, weight_decay={weight_decay}."
             )
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, kind="dense"))
+        # Offloaded tables whose state was not restored after load_state_dict (see load_offloaded_state).
+        self._unrestored: set[int] = set()
         for g in self.param_groups:
             if g["kind"] not in ("dense", "adam_rows", "adagrad_rows"):
                 raise ValueError(f"Unknown group kind {g['kind']!r}.")
-            if g["kind"] != "dense":
-                if any(p.dim() != 2 for p in g["params"]):
+            if g["kind"] == "dense":
+                if any(hasattr(p, _TABLE_OF_ANCHOR) for p in g["params"]):
+                    raise ValueError("An offloaded table cannot be in a dense group: use a row-wise table optimizer.")
+                continue
+            for p in g["params"]:
+                table = getattr(p, _TABLE_OF_ANCHOR, None)
+                if table is None and p.dim() != 2:
                     raise ValueError("Row-wise groups take 2-D tables only.")
-                for p in g["params"]:
+                if table is None:
                     _install_stash_hook(p)
+                self._row_state(p, g["kind"])  # allocated and touched now, not on the first step
+
+    # -------------------------------------------------------------- where a table and its state live
+    @staticmethod
+    def _table_rows(p: torch.Tensor):
+        table = getattr(p, _TABLE_OF_ANCHOR, None)
+        return table.store.rows if table is not None else TensorRows(p.data)
+
+    def _row_state(self, p: torch.Tensor, kind: str) -> dict:
+        """The row arrays of ``p``'s optimizer state, created on first use."""
+        table = getattr(p, _TABLE_OF_ANCHOR, None)
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+        arrays = {}
+        for name, width in _ROW_STATE[kind].items():
+            width = width or (table.embedding_dim if table is not None else p.shape[1])
+            if table is not None:
+                arrays[name] = table.store.state(name, width)
+                state["offloaded"] = _store_token(table)
+            else:
+                if name not in state:
+                    # zeros() writes every page now: later steps do not pay first-touch faults.
+                    shape = (p.shape[0],) if width == 1 else (p.shape[0], width)
+                    state[name] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+                t = state[name]
+                arrays[name] = TensorRows(t if t.dim() == 2 else t.view(-1, 1))
+        return arrays
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         for g in self.param_groups:
             for p in g["params"]:
                 getattr(p, _PENDING, []).clear()
+                table = getattr(p, _TABLE_OF_ANCHOR, None)
+                if table is not None:
+                    table.take_row_gradients()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -146,6 +226,12 @@ class EngramOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._unrestored:
+            raise RuntimeError(
+                "This optimizer was loaded from a state dict whose offloaded-table state (Adagrad sums / Adam "
+                "moments kept with the tables) has not been restored: call load_offloaded_state(checkpoint_dir), "
+                "or resume with engram_hf.training.EngramTrainer, which does."
+            )
         for group in self.param_groups:
             for p in group["params"]:
                 if group["kind"] == "dense":
@@ -153,12 +239,24 @@ class EngramOptimizer(torch.optim.Optimizer):
                         self._adamw(p, group)
                     continue
                 grad = _take_pending_grad(p)
-                if grad is not None:
-                    rows, values = _row_gradient(grad)
-                    if rows.numel():
-                        (self._adam_rows if group["kind"] == "adam_rows" else self._adagrad_rows)(
-                            p, rows, values, group
-                        )
+                if grad is None:
+                    continue
+                rows, values = _row_gradient(grad)
+                if not rows.numel():
+                    continue
+                table_rows = self._table_rows(p)
+                state = self._row_state(p, group["kind"])
+                self.state[p]["step"] += 1
+                update = self._adam_rows if group["kind"] == "adam_rows" else self._adagrad_rows
+                args = (table_rows, state, rows, values, dict(group), self.state[p]["step"].item())
+                table = getattr(p, _TABLE_OF_ANCHOR, None)
+                if table is None:
+                    update(*args)
+                else:
+                    args = (table_rows, state, rows.cpu(), values.cpu(), *args[4:])
+                    table.run_update(
+                        lambda args=args, update=update, table=table: table.rows_written(args[2], update(*args))
+                    )
         return loss
 
     def _adamw(self, p, group):
@@ -180,32 +278,121 @@ class EngramOptimizer(torch.optim.Optimizer):
         denom = (state["exp_avg_sq"] / (1 - b2**step)).sqrt_().add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - b1**step))
 
-    def _adam_rows(self, p, rows, values, group):
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-        state["step"] += 1
+    # The row updates below are the only table arithmetic: every tier runs exactly these lines.
+    @staticmethod
+    def _adam_rows(table, state, rows, values, group, step):
         b1, b2 = group["betas"]
-        step = state["step"].item()
         values = values.float()
-        m = state["exp_avg"][rows].lerp_(values, 1 - b1)
-        v = state["exp_avg_sq"][rows].mul_(b2).addcmul_(values, values, value=1 - b2)
-        state["exp_avg"][rows] = m
-        state["exp_avg_sq"][rows] = v
+        m = state["exp_avg"].read(rows).lerp_(values, 1 - b1)
+        v = state["exp_avg_sq"].read(rows).mul_(b2).addcmul_(values, values, value=1 - b2)
+        state["exp_avg"].write(rows, m)
+        state["exp_avg_sq"].write(rows, v)
         update = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt_().add_(group["eps"]))
-        p.index_add_(0, rows, (-group["lr"] * update).to(p.dtype))
+        new = table.read(rows) + (-group["lr"] * update).to(table.dtype)
+        table.write(rows, new)
+        return new
 
-    def _adagrad_rows(self, p, rows, values, group):
-        state = self.state[p]
-        if not state:
-            state["sum"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+    @staticmethod
+    def _adagrad_rows(table, state, rows, values, group, step):
         values = values.float()
-        acc = state["sum"][rows] + values.pow(2).mean(1)
-        state["sum"][rows] = acc
+        acc = state["sum"].read(rows).squeeze(1) + values.pow(2).mean(1)
+        state["sum"].write(rows, acc[:, None])
         scale = -group["lr"] / (acc.sqrt() + group["eps"])
-        p.index_add_(0, rows, (values * scale[:, None]).to(p.dtype))
+        new = table.read(rows) + (values * scale[:, None]).to(table.dtype)
+        table.write(rows, new)
+        return new
+
+    # -------------------------------------------------------------- checkpoints of offloaded state
+    def state_dict(self):
+        # Offloaded tables' per-row state stays out (it may be larger than RAM): save_offloaded_state.
+        out = super().state_dict()
+        for entry in out["state"].values():
+            if entry.get("offloaded"):
+                for name in ("sum", "exp_avg", "exp_avg_sq"):
+                    entry.pop(name, None)
+        return out
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        # A state dict from this very store (accelerate round-trips it when preparing the optimizer)
+        # lost nothing; one from elsewhere (a checkpoint) needs load_offloaded_state.
+        self._unrestored = set()
+        for p, s in self.state.items():
+            table = getattr(p, _TABLE_OF_ANCHOR, None)
+            if s.get("offloaded") and (table is None or s["offloaded"] != _store_token(table)):
+                self._unrestored.add(id(p))
+
+    def offloaded_tables(self) -> dict[int, tuple[torch.Tensor, object]]:
+        """{position in the optimizer's parameter order: (anchor, table)} of every offloaded table."""
+        out, i = {}, 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                table = getattr(p, _TABLE_OF_ANCHOR, None)
+                if table is not None:
+                    out[i] = (p, table)
+                i += 1
+        return out
+
+    def save_offloaded_state(self, directory) -> list[Path]:
+        """Write each offloaded table's optimizer state (the rows' Adagrad sums or Adam moments) into
+        ``directory`` as safetensors, streamed by row blocks; nothing larger than a block is held."""
+        from ..offload.safetensors_io import write_streamed
+
+        directory = Path(directory)
+        written = []
+        for index, (anchor, table) in self.offloaded_tables().items():
+            table.wait_updates()
+            arrays = {name: rows for name, rows in table.store.states.items()}
+            if not arrays:
+                continue
+            path = directory / _state_file(index, table)
+            meta = {"step": json.dumps(float(self.state[anchor]["step"])), "table": table.describe()}
+            write_streamed(path, arrays, metadata=meta)
+            written.append(path)
+        return written
+
+    def load_offloaded_state(self, directory) -> None:
+        """Restore what ``save_offloaded_state`` wrote, into each table's state arrays."""
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        for index, (anchor, table) in self.offloaded_tables().items():
+            path = directory / _state_file(index, table)
+            kind = next(g["kind"] for g in self.param_groups if any(p is anchor for p in g["params"]))
+            if not path.exists():
+                if self.state[anchor].get("offloaded"):
+                    raise FileNotFoundError(
+                        f"{path} is missing: the checkpoint lacks an offloaded table's optimizer state."
+                    )
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("table") != table.describe():
+                    raise ValueError(f"{path} holds state for {meta.get('table')}, not for {table.describe()}.")
+                arrays = self._row_state(anchor, kind)
+                for name, target in arrays.items():
+                    block = 1 << 16
+                    sl = f.get_slice(name)
+                    for start in range(0, table.shape[0], block):
+                        stop = min(start + block, table.shape[0])
+                        target.write(torch.arange(start, stop), sl[start:stop])
+            self.state[anchor]["step"] = torch.tensor(float(json.loads(meta["step"])))
+            self.state[anchor]["offloaded"] = _store_token(table)
+            self._unrestored.discard(id(anchor))
+
+
+def _state_file(index: int, table) -> str:
+    """Where a table's optimizer state is saved; a row-sharded table's, one file per rank (its rows)."""
+    sharding = getattr(table, "sharding", None)
+    if sharding is not None:
+        return f"engram-optimizer-{index}-rank{sharding.rank}-of-{sharding.world_size}.safetensors"
+    return f"engram-optimizer-{index}.safetensors"
+
+
+def _store_token(table) -> int:
+    """Names the store holding a table's state in this process (it never survives a save and load).
+    An int: torch's ``load_state_dict`` mangles strings in state."""
+    return id(table.store) * 4_194_304 + os.getpid()
 
 
 def _row_gradient(grad: torch.Tensor) -> tuple[torch.LongTensor, torch.Tensor]:
@@ -222,22 +409,38 @@ def build_optimizer(
     lr: float = 1e-3,
     table_lr: float | None = None,
     weight_decay: float = 0.0,
-    table_optimizer: str = "adam",
+    table_optimizer: str = "adagrad",
     betas=(0.9, 0.999),
     eps: float = 1e-8,
+    offload_dir=None,
 ) -> EngramOptimizer:
     """The recommended optimizer: row-wise table updates with sparse table gradients switched on.
 
-    With ``transformers.Trainer``: ``Trainer(..., optimizers=(build_optimizer(model, lr=args.learning_rate), None))``;
+    Offloaded tables are made trainable here: host tables are updated in RAM; disk tables write the
+    rows they change and their optimizer state to sparse work files in ``offload_dir`` (required
+    then), never into the checkpoint they were loaded from.
+
+    With ``transformers.Trainer``: ``Trainer(..., optimizers=(build_optimizer(model, lr=args.learning_rate), None))``
+    (``engram_hf.training.EngramTrainer`` also saves and restores offloaded tables and their state);
     the Trainer still builds its LR scheduler over these groups.
     """
+    if table_optimizer not in _ROW_KINDS:
+        raise ValueError(f"table_optimizer must be one of {sorted(_ROW_KINDS)}, got {table_optimizer!r}.")
     set_sparse_table_grads(model, table_optimizer != "dense")
+    if table_optimizer != "dense":
+        for e in _engram_modules(model):
+            if e.offloaded:
+                e.table.make_trainable(offload_dir)
     groups = engram_param_groups(model, lr, table_lr, weight_decay, table_optimizer)
     return EngramOptimizer(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def optimizer_state_bytes_per_row(optimizer: EngramOptimizer, table: torch.Tensor) -> float:
-    """Bytes of optimizer state held for ``table``, per row (0 before its first update)."""
+    """Bytes of optimizer state held for ``table`` (a weight or an offloaded table's anchor), per row."""
+    owner = getattr(table, _TABLE_OF_ANCHOR, None)
+    if owner is not None:
+        total = sum(r.tensor.numel() * r.tensor.element_size() for r in owner.store.states.values())
+        return total / owner.shape[0]
     state = optimizer.state.get(table, {})
     total = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
     return total / table.shape[0] if math.prod(table.shape) else 0.0

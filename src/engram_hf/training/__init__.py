@@ -6,9 +6,11 @@ from .lora import LORA_TARGETS, lora_config
 from .plots import plot_loss_curve
 from .run import TrainSpec, build_model, run_training
 from .tokenizer import train_bpe_tokenizer
+from .trainer import EngramTrainer
 
 __all__ = [
     "RouterBiasCallback",
+    "EngramTrainer",
     "PackedBlocks",
     "pack_texts",
     "read_texts",

@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import AutoTokenizer, TrainingArguments, default_data_collator, set_seed
 
 from ..memory import build_compression_table, compressed_vocab_size
 from ..model_card import render_model_card
 from ..models.engram_moe import EngramMoEConfig, EngramMoEForCausalLM
+from ..offload.create import save_new_checkpoint
+from ..offload.tiers import check_cache_rows, check_tier
 from ..optim import build_optimizer
 from ..presets import PRESETS, preset_config
 from ..utils import atomic_write_dir, atomic_write_file
-from .callbacks import RouterBiasCallback
 from .data import pack_texts
 from .plots import plot_loss_curve
 from .tokenizer import train_bpe_tokenizer
+from .trainer import EngramTrainer
 
 
 @dataclass
@@ -35,7 +38,7 @@ class TrainSpec:
     block_size: int = 128
     learning_rate: float = 3e-3
     table_lr: float | None = None
-    table_optimizer: str = "adam"  # "adam" | "adagrad" (row-wise, sparse) | "dense" (plain AdamW)
+    table_optimizer: str = "adagrad"  # "adagrad" | "adam" (row-wise, sparse) | "dense" (plain AdamW)
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
     eval_fraction: float = 0.05
@@ -49,6 +52,9 @@ class TrainSpec:
     seed: int = 0
     progress: bool = True
     display_dir: str | None = None  # the path to report when out_dir is a temp dir moved there afterwards
+    init_from: str | None = None  # an EngramMoE checkpoint to continue training (else a new model)
+    engram_offload: str | None = None  # None | "cpu" | "disk": where the tables live while training
+    engram_cache_rows: int = 0  # hot-row cache per offloaded table
 
 
 # Keys a saved config.json carries besides EngramMoEConfig's own fields; accepted in --config files.
@@ -89,6 +95,12 @@ def check_spec(spec: TrainSpec) -> None:
         path = Path(spec.tokenizer).expanduser()
         if not path.exists() and spec.tokenizer.startswith((".", "/", "~")):
             raise FileNotFoundError(f"Tokenizer directory {path} does not exist.")
+    check_tier(spec.engram_offload)
+    check_cache_rows(spec.engram_cache_rows, spec.engram_offload)
+    if spec.init_from is not None and not (Path(spec.init_from) / "config.json").is_file():
+        raise FileNotFoundError(f"--init-from {spec.init_from} is not a checkpoint directory (no config.json).")
+    if spec.engram_offload and spec.table_optimizer == "dense":
+        raise ValueError("Offloaded tables train with a row-wise table optimizer (adagrad or adam), not 'dense'.")
 
 
 def load_model_config(spec: TrainSpec, _check_only: bool = False, **token_fields) -> EngramMoEConfig | None:
@@ -129,7 +141,12 @@ def load_tokenizer(name_or_path: str):
 
 
 def prepare_tokenizer(spec: TrainSpec, texts: list[str]):
-    tokenizer = load_tokenizer(spec.tokenizer) if spec.tokenizer else train_bpe_tokenizer(texts, spec.bpe_vocab_size)
+    if spec.tokenizer:
+        tokenizer = load_tokenizer(spec.tokenizer)
+    elif spec.init_from:
+        tokenizer = load_tokenizer(spec.init_from)
+    else:
+        tokenizer = train_bpe_tokenizer(texts, spec.bpe_vocab_size)
     if tokenizer.eos_token_id is None:
         raise ValueError("The tokenizer needs an EOS token (it separates documents and pads).")
     if tokenizer.pad_token_id is None:
@@ -150,8 +167,22 @@ def tokenizer_fields(tokenizer, table) -> dict:
 
 
 def build_model(spec: TrainSpec, tokenizer) -> EngramMoEForCausalLM:
+    """The model to train: loaded from ``init_from``, or new; with ``engram_offload`` its tables live
+    in host RAM or on disk (a new model's tables are then written to ``out_dir/initial`` block by
+    block and never held whole)."""
+    offload = dict(engram_offload=spec.engram_offload, engram_cache_rows=spec.engram_cache_rows)
+    if spec.init_from:
+        model = EngramMoEForCausalLM.from_pretrained(spec.init_from, **offload)
+        if model.config.vocab_size != len(tokenizer):
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} ids, {spec.init_from} expects {model.config.vocab_size}."
+            )
+        return model
     table = build_compression_table(tokenizer, progress=spec.progress)
     config = load_model_config(spec, **tokenizer_fields(tokenizer, table))
+    if spec.engram_offload:
+        initial = save_new_checkpoint(EngramMoEForCausalLM, config, Path(spec.out_dir) / "initial", table, spec.seed)
+        return EngramMoEForCausalLM.from_pretrained(initial, **offload)
     model = EngramMoEForCausalLM(config)
     model.set_compression_table(table)
     return model
@@ -195,6 +226,7 @@ def run_training(
             table_lr=spec.table_lr,
             weight_decay=spec.weight_decay,
             table_optimizer=spec.table_optimizer,
+            offload_dir=out / "engram-work",
         )
     eval_every = spec.eval_every or max(1, spec.steps // 6)
     args = TrainingArguments(
@@ -219,13 +251,12 @@ def run_training(
         dataloader_num_workers=0,
         disable_tqdm=not spec.progress,
     )
-    trainer = Trainer(
+    trainer = EngramTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_set,
         data_collator=default_data_collator,
-        callbacks=[RouterBiasCallback()],
         optimizers=(optimizer, None),
     )
     eval_before = trainer.evaluate()["eval_loss"] if eval_set is not None else None
@@ -251,6 +282,11 @@ def run_training(
             (tmp / "README.md").write_text(card, encoding="utf-8")
 
     atomic_write_dir(model_dir, save)
+    # The saved model holds the trained tables; the work files of disk-offloaded training, and the
+    # new model's initial checkpoint, are no longer needed.
+    shutil.rmtree(out / "engram-work", ignore_errors=True)
+    if spec.engram_offload and not spec.init_from:
+        shutil.rmtree(out / "initial", ignore_errors=True)
     history = trainer.state.log_history
     if eval_before is not None:
         history = [{"step": 0, "eval_loss": eval_before}, *history]

@@ -67,6 +67,8 @@ class EngramMoEConfig(PreTrainedConfig):
             (default `vocab_size`, i.e. the identity table).
         engram_offload: where tables live at run time (None: model parameters; "cpu" / "disk": see
             `from_pretrained(engram_offload=...)`). A runtime setting, never written to config.json.
+        engram_shard: split every table by rows over the ranks of the default process group (see
+            `from_pretrained(engram_shard=True)`). A runtime setting, never written to config.json.
     """
 
     model_type = "engram_moe"
@@ -109,6 +111,7 @@ class EngramMoEConfig(PreTrainedConfig):
         engram_pad_id: int | None = None,
         compressed_vocab_size: int | None = None,
         engram_offload: str | None = None,
+        engram_shard: bool = False,
         use_cache: bool = True,
         pad_token_id: int | None = None,
         bos_token_id: int | None = None,
@@ -160,6 +163,7 @@ class EngramMoEConfig(PreTrainedConfig):
         self.compressed_vocab_size = vocab_size if compressed_vocab_size is None else compressed_vocab_size
         # Runtime placement of the tables (set by from_pretrained(engram_offload=...)); never saved.
         self.engram_offload = engram_offload
+        self.engram_shard = engram_shard
         self.use_cache = use_cache
         self.pad_token_id = pad_token_id
         self.bos_token_id = bos_token_id
@@ -315,6 +319,8 @@ class EngramMoEConfig(PreTrainedConfig):
             )
         if not _is_int(self.engram_seed) or self.engram_seed < 0:
             raise ValueError(f"engram_seed must be an integer >= 0, got {self.engram_seed!r}.")
+        if not isinstance(self.engram_shard, bool):
+            raise ValueError(f"engram_shard must be True or False, got {self.engram_shard!r}.")
         if self.engram_offload not in OFFLOAD_TIERS:
             raise ValueError(f"engram_offload must be one of {OFFLOAD_TIERS}, got {self.engram_offload!r}.")
         if not _is_int(self.engram_pad_id) or not 0 <= self.engram_pad_id < self.vocab_size:
@@ -330,6 +336,7 @@ class EngramMoEConfig(PreTrainedConfig):
     def to_dict(self):
         out = super().to_dict()
         out.pop("engram_offload", None)
+        out.pop("engram_shard", None)
         return out
 
     @property

@@ -375,21 +375,50 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """transformers' ``save_pretrained``, made atomic: the checkpoint is written beside the target
         and swapped in whole, so a crash mid-write leaves the previous checkpoint loadable. Files in
-        the directory that the save does not produce (a tokenizer, a README) are kept."""
+        the directory that the save does not produce (a tokenizer, a README) are kept.
+
+        Offloaded tables (which are not parameters) are streamed from where they live, with the
+        rows training or edits changed, into shards of their own; the checkpoint then loads like
+        any other, resident or offloaded."""
+        from engram_hf.offload.safetensors_io import add_streamed_tables
         from engram_hf.utils import atomic_save_pretrained
 
-        if any(e.offloaded for e in self.engram_layers().values()):
+        if getattr(self.config, "engram_shard", False):
+            # Collective: every rank writes its rows of every table into one standard checkpoint.
+            from engram_hf.distributed.checkpoint import save_sharded_pretrained
+
+            save_dense = super().save_pretrained
+            return save_sharded_pretrained(self, save_directory, lambda tmp: save_dense(tmp, *args, **kwargs))
+        offloaded = {key: e for key, e in self.engram_table_keys().items() if e.offloaded}
+        if offloaded and (kwargs.get("push_to_hub") or kwargs.get("state_dict") is not None):
+            raise ValueError("A model with offloaded tables saves to a local directory, without a state_dict argument.")
+        if any(e.table.patched_rows.numel() for e in offloaded.values()):
             raise ValueError(
-                "This model's Engram tables are offloaded (not parameters), so a checkpoint would lack them. "
-                "Reload it without engram_offload to save it."
+                "Offloaded tables serve patched rows (edits) that would not be saved; merge or clear them first."
             )
         if kwargs.get("push_to_hub"):
             return super().save_pretrained(save_directory, *args, **kwargs)
         save = super().save_pretrained
-        return atomic_save_pretrained(lambda tmp: save(tmp, *args, **kwargs), save_directory)
+
+        def write(tmp):
+            save(tmp, *args, **kwargs)
+            for e in offloaded.values():
+                e.table.wait_updates()
+            if offloaded:
+                add_streamed_tables(tmp, {key: e.table.store.rows for key, e in offloaded.items()})
+
+        return atomic_save_pretrained(write, save_directory)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, engram_offload=None, engram_cache_rows=0, **kwargs):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        engram_offload=None,
+        engram_cache_rows=0,
+        engram_shard=False,
+        **kwargs,
+    ):
         """transformers' ``from_pretrained`` plus where the Engram tables live:
 
         * ``engram_offload=None``: tables are ordinary parameters, placed like any other (by
@@ -404,6 +433,10 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         model through accelerate, as for any transformers model; they combine with ``engram_offload``.
         Offloaded outputs are bit-identical to the resident model's. A table too large for its tier
         fails here, before any of it is read.
+
+        ``engram_shard=True`` (under ``torch.distributed``) splits every table by rows over the
+        ranks: each rank reads only its rows, kept on its tier (``None``: the compute device); see
+        ``engram_hf.distributed``.
         """
         model = engram_from_pretrained(
             super().from_pretrained,
@@ -412,6 +445,7 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
             *args,
             engram_offload=engram_offload,
             engram_cache_rows=engram_cache_rows,
+            engram_shard=engram_shard,
             **kwargs,
         )
         # Fail at load time, not at the first forward, if the stored compression table and the config
@@ -433,6 +467,10 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         """Each Engram layer's table: an ``nn.Embedding``, or an ``OffloadedTable`` when offloaded."""
         return {i: e.table for i, e in self.engram_layers().items()}
 
+    def engram_table_keys(self) -> dict[str, EngramMemory]:
+        """{state-dict key of the table: its Engram module}, e.g. ``model.layers.1.engram.table.weight``."""
+        return {f"{name}.table.weight": m for name, m in self.named_modules() if isinstance(m, EngramMemory)}
+
     def engram_table_parameters(self) -> int:
         """Elements in all Engram tables, resident or offloaded."""
         return sum(e.table_parameters for e in self.engram_layers().values())
@@ -442,7 +480,7 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         for layer, table in self.engram_table_modules().items():
             if layer not in stores:
                 raise KeyError(f"No stored Engram table for layer {layer}.")
-            table.bind(stores[layer], cache_rows, cache_device)
+            table.bind(stores[layer], cache_rows, cache_device, layer=layer)
 
     @property
     def hash_contract(self) -> HashContract:

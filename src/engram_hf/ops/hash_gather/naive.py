@@ -28,6 +28,13 @@ def hash_rows(inputs: EngramInputs, hashing: HashParams) -> torch.LongTensor:
     return torch.cat(blocks, dim=-1)
 
 
+def row_gradient(rows: torch.LongTensor, grad: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """The table gradient of a gather of ``rows`` receiving ``grad`` ``[..., d]``: an uncoalesced
+    sparse tensor with one entry per lookup, exactly what ``F.embedding(sparse=True)`` produces."""
+    values = grad.reshape(-1, shape[1]).to(dtype)
+    return torch.sparse_coo_tensor(rows.reshape(1, -1).to(values.device), values, shape, check_invariants=False)
+
+
 def hash_gather(inputs: EngramInputs, hashing: HashParams, weight: torch.Tensor, sparse_grad: bool = False):
     """Returns ``(e, rows)``: ``e`` ``[B, T, H*d]`` the concatenated rows, ``rows`` ``[B, T, H]`` their
     global indices (offsets added)."""
