@@ -83,11 +83,22 @@ def test_prefetch_path_matches_synchronous_path(ckpt, monkeypatch):
     assert all(s["prefetched_lookups"] > 0 for s in model.engram_offload_stats().values())
 
 
-def test_offloaded_model_has_no_table_parameters_and_refuses_to_save(ckpt, tmp_path):
+def test_offloaded_model_has_no_table_parameters_and_saves_by_streaming(ckpt, tmp_path):
     m = EngramMoEForCausalLM.from_pretrained(ckpt, engram_offload="disk")
     assert not any("table" in n for n, _ in m.named_parameters())
     assert "engram_offload" not in m.config.to_dict()
-    with pytest.raises(ValueError, match="offloaded"):
+    m.save_pretrained(tmp_path / "x")
+    assert not (tmp_path / "x" / "model.safetensors").exists(), "a lone file would hide the table shards"
+    again = EngramMoEForCausalLM.from_pretrained(tmp_path / "x")
+    original = EngramMoEForCausalLM.from_pretrained(ckpt)
+    for layer, engram in again.engram_layers().items():
+        assert torch.equal(engram.table.weight, original.engram_layers()[layer].table.weight)
+
+
+def test_offloaded_model_with_patched_rows_refuses_to_save(ckpt, tmp_path):
+    m = EngramMoEForCausalLM.from_pretrained(ckpt, engram_offload="cpu")
+    m.engram_layers()[0].write_rows(torch.tensor([3]), torch.zeros(1, 8))
+    with pytest.raises(ValueError, match="patched rows"):
         m.save_pretrained(tmp_path / "x")
 
 
