@@ -29,6 +29,8 @@ from .sharding import RowSharding
 class ShardedTable(nn.Module):
     """Stands in for ``nn.Embedding``: no parameters; this rank's rows in ``store``."""
 
+    rows_outside_parameters = True  # see EngramMemory.offloaded
+
     def __init__(self, num_embeddings: int, embedding_dim: int, tier: str | None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim

@@ -68,8 +68,9 @@ class EngramMemory(nn.Module):
 
     @property
     def offloaded(self) -> bool:
-        """True when the table is no parameter: offloaded (host RAM, disk) or sharded over ranks."""
-        return not isinstance(self.table, nn.Embedding)
+        """True when the table is no parameter: offloaded (host RAM, disk) or sharded over ranks.
+        (A resident table may be wrapped, e.g. by PEFT's modules_to_save, so ask the table.)"""
+        return getattr(self.table, "rows_outside_parameters", False)
 
     @property
     def num_table_rows(self) -> int:

@@ -59,6 +59,8 @@ class OffloadedTable(nn.Module):
     from the store or through the hot-row cache.
     """
 
+    rows_outside_parameters = True  # see EngramMemory.offloaded
+
     def __init__(self, num_embeddings: int, embedding_dim: int, tier: str):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.tier = num_embeddings, embedding_dim, tier
