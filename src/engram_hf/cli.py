@@ -113,6 +113,8 @@ def _eval(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for name in ("engram_hf", "lm_eval"):
         logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
+    # lm-eval warns once per task that reads a `custom_dataset` (all of ours) how to pass metadata: noise here.
+    logging.getLogger("lm_eval.api.task").addFilter(lambda r: "Custom kwargs can be passed" not in r.getMessage())
     spec = EvalSpec(
         model=args.model,
         tasks=[t for item in args.tasks for t in item.split(",") if t],

@@ -255,8 +255,8 @@ def run_eval(spec: EvalSpec, progress=print) -> dict:
 
     def write(tmp: Path):
         for masked, out in outputs.items():
+            out = dict(out, engram_hf=dict(info, engram_mask=masked))
             samples = out.pop("samples", None)
-            out["engram_hf"] = dict(info, engram_mask=masked)
             suffix = "_masked" if masked and spec.compare_mask else ""
             (tmp / f"results{suffix}.json").write_text(_serializable(out), encoding="utf-8")
             if samples:
