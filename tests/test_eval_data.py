@@ -93,6 +93,7 @@ def test_mmlu_5shot_uses_dev_when_present_and_a_stated_holdout_otherwise(tmp_pat
     from engram_hf.evaluation import mmlu
 
     need_shared(EVAL_DATA / "mmlu" / "test.jsonl", "MMLU")
+    mmlu._warned.clear()  # the fallback is announced once per data directory
     held = mmlu.splits("anatomy", 5, EVAL_DATA)
     assert "first 5 test questions" in caplog.text
     full = mmlu.splits("anatomy", 0, EVAL_DATA)["test"]

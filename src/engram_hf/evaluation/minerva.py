@@ -1,16 +1,15 @@
 """MATH and MATH500 from the data directory, Minerva-style (Lewkowycz et al., 2022): 4-shot
 "Problem: ... Solution:" prompts, greedy generation until the next "Problem:", scored by exact match
-of the normalised final answer and by ``math-verify``'s symbolic equivalence.
+of the normalised final answer (sympy equivalence) and by ``math-verify``'s symbolic equivalence.
 
-Prompting and scoring are lm-eval's ``minerva_math`` functions (document processing, answer
-normalisation, ``is_equiv`` through sympy, ``math_verify``); the four exemplars are pinned here
-(lm-eval 0.4.10 ships two of them with a mangled LaTeX line break), so the prompt does not change
-with the installed lm-eval.
+The prompt and scoring are lm-eval's ``minerva_math``; both are pinned here (``FEWSHOT`` below and
+``minerva_scoring``) because older lm-eval releases differ (0.4.10 mangles a LaTeX line break in two
+exemplars and mis-scores 28 of MATH500's gold answers), so results do not depend on the installed lm-eval.
 """
 
 from __future__ import annotations
 
-from . import data
+from . import data, minerva_scoring
 
 FEWSHOT = [
     {
@@ -36,12 +35,6 @@ FEWSHOT = [
 ]
 
 
-def _lm_utils():
-    import lm_eval.tasks.minerva_math.utils as utils
-
-    return utils
-
-
 def fewshot_samples() -> list[dict]:
     return [dict(s) for s in FEWSHOT]
 
@@ -50,7 +43,9 @@ def rows(math500: bool = False, subject: str | None = None, task: str | None = N
     """MATH500, or the full MATH test set (one subject, by its ``type``, or all)."""
     if math500:
         path = data.require(data.MATH500, task or "offline_minerva_math500", data_dir)
-        return [{"problem": r["problem"], "solution": r["solution"]} for r in data.read_jsonl(path)]
+        return [
+            {"problem": r["problem"], "solution": r["solution"]} for r in data.read_jsonl(path, ("problem", "solution"))
+        ]
     if subject is not None and subject not in data.MATH_SUBJECTS:
         raise ValueError(f"Unknown MATH subject {subject!r}; expected one of {list(data.MATH_SUBJECTS)}.")
     path = data.require(data.MATH_TEST, task or "offline_minerva_math", data_dir)
@@ -70,13 +65,13 @@ def dataset(math500: bool = False, subject: str | None = None, task: str | None 
 
 def process_docs(dataset):
     """Adds ``answer``: the normalised content of the solution's last ``\\boxed{}``."""
-    return _lm_utils().process_docs(dataset)
+    return minerva_scoring.process_docs(dataset)
 
 
 def doc_to_text(doc: dict) -> str:
-    return _lm_utils().doc_to_text(doc)
+    return minerva_scoring.doc_to_text(doc)
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, int]:
     """``exact_match`` (normalised final answer, sympy equivalence) and ``math_verify``."""
-    return _lm_utils().process_results(doc, results)
+    return minerva_scoring.process_results(doc, results)

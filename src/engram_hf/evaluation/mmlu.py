@@ -22,6 +22,7 @@ FALLBACK_NOTE = (
     "scored (285 fewer questions than official 5-shot MMLU; not comparable to published numbers)"
 )
 log = logging.getLogger(__name__)
+_warned: set[str] = set()
 
 
 @lru_cache(maxsize=4)
@@ -45,7 +46,9 @@ def splits(subject: str, shots: int = 0, data_dir=None, task: str | None = None)
     if data.has_data(data.MMLU_DEV, data_dir):
         dev = questions(data.MMLU_DEV, task, data_dir)[subject][:shots]
         return {"test": test, "dev": [dict(d, fewshot_source="dev") for d in dev]}
-    log.warning("%s: %s.", task, FALLBACK_NOTE)
+    if str(data.resolve_data_dir(data_dir)[0]) not in _warned:  # once per data directory, not per subject
+        _warned.add(str(data.resolve_data_dir(data_dir)[0]))
+        log.warning("offline_mmlu_5shot: %s.", FALLBACK_NOTE)
     if len(test) <= shots:
         raise ValueError(f"{task}: {len(test)} test questions are too few to hold out {shots} exemplars.")
     return {

@@ -16,7 +16,7 @@ they never shadow lm-eval's own hub-backed tasks; ``engram-hf eval`` accepts the
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import data, ruler
@@ -35,8 +35,6 @@ class Entry:
     data: tuple[str, ...] = ()  # data-directory files the leaf tasks need
     max_fewshot: int = 0
     unsafe: bool = False
-    shots: int = 0  # few-shot exemplars the task uses by default
-    notes: list[str] = field(default_factory=list)
 
 
 class FunctionRef(str):
@@ -78,7 +76,7 @@ def _mmlu(shots: int) -> tuple[dict, dict[str, dict], dict[str, Entry]]:
             "description": f"The following are multiple choice questions (with answers) about "
             f"{subject.replace('_', ' ')}.\n\n",
         }
-        entries[name] = Entry(name, data=(data.MMLU_TEST,), max_fewshot=shots, shots=shots)
+        entries[name] = Entry(name, data=(data.MMLU_TEST,), max_fewshot=shots)
     top = f"{PREFIX}mmlu" + (f"_{shots}shot" if shots else "")
     for category, names in leaves.items():
         group = f"{top}_{category}"
@@ -134,7 +132,7 @@ def _bbh(prompts: dict[str, tuple[str, list[dict]]] | None, cot: bool):
     for bbh_task in data.BBH_TASKS:
         name = f"{PREFIX}bbh_{kind}_{bbh_task}"
         names.append(name)
-        entries[name] = Entry(name, data=(data.bbh_file(bbh_task),), max_fewshot=3, shots=3)
+        entries[name] = Entry(name, data=(data.bbh_file(bbh_task),), max_fewshot=3)
         if prompts is None:
             continue
         description, exemplars = prompts[bbh_task]
@@ -216,14 +214,14 @@ def _minerva():
             "task_alias": suffix,
             "dataset_kwargs": {"subject": subject, "task": name},
         }
-        entries[name] = Entry(name, data=(data.MATH_TEST,), max_fewshot=4, shots=4)
+        entries[name] = Entry(name, data=(data.MATH_TEST,), max_fewshot=4)
     name500 = f"{PREFIX}minerva_math500"
     files["minerva_math/math500.yaml"] = {
         "include": "_minerva_template_yaml",
         "task": name500,
         "dataset_kwargs": {"math500": True, "task": name500},
     }
-    entries[name500] = Entry(name500, data=(data.MATH500,), max_fewshot=4, shots=4)
+    entries[name500] = Entry(name500, data=(data.MATH500,), max_fewshot=4)
     group = f"{PREFIX}minerva_math"
     files["minerva_math/_minerva_math.yaml"] = {
         "group": group,
