@@ -1,14 +1,15 @@
 """lm-eval throughput on an Engram checkpoint: MMLU 0-shot loglikelihood requests/s with the Engram
 tables resident, in host RAM (``engram_offload="cpu"``) and on disk (``"disk"``), in one run.
 
-    python benchmarks/bench_eval.py [--json] [--per-subject 4] [--batch-size 16] [--rows 200000]
+    python benchmarks/bench_eval.py [--json] [--per-subject 2] [--batch-size 16] [--rows 200000]
 
 Builds a tiny EngramMoE (a 4,096-token BPE vocabulary and its compression table, tables of ``--rows``
 base rows per head), saves it, builds the MMLU requests once from the offline suite (``offline_mmlu``,
 the first ``--per-subject`` questions of each subject, 4 requests each), then times
-``EngramLM.loglikelihood`` on the same requests for each tier (after a warm-up, median of
-``--repeats``). It checks that every tier returns the same log-likelihoods and counts model
-forwards (one per batch). Needs the MMLU test set (``--data-dir``, default the shared copy).
+``EngramLM.loglikelihood`` on the same requests for each tier (after a warm-up; tiers interleaved
+in ``--repeats`` rounds; median wall time, and CPU time, which a shared machine disturbs less). It
+checks that every tier returns the same log-likelihoods and counts model forwards (one per batch
+of HFLM's rows). Needs the MMLU test set (``--data-dir``, default the shared copy).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -40,11 +42,11 @@ def parse_args(argv=None):
         help="a tokenizer directory, or bpe:N for a byte-level BPE of N tokens trained on the built-in text "
         "(default: a small vocabulary, so the full-sequence logits HFLM computes do not swamp the model)",
     )
-    p.add_argument("--per-subject", type=int, default=4, help="MMLU questions per subject")
+    p.add_argument("--per-subject", type=int, default=2, help="MMLU questions per subject")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rows", type=int, default=200_000, help="base table rows per head")
     p.add_argument("--cache-rows", type=int, default=65_536, help="hot-row cache of the disk tier")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -105,31 +107,57 @@ def mmlu_requests(data_dir: str, per_subject: int):
     return instances
 
 
-def measure(ckpt: Path, tier, args, requests) -> dict:
+def load(ckpt: Path, tier, args):
     from engram_hf.evaluation.lm import EngramLM
 
     kwargs = {"engram_offload": tier} if tier else {}
     if tier == "disk":
         kwargs["engram_cache_rows"] = args.cache_rows
     lm = EngramLM(pretrained=str(ckpt), batch_size=args.batch_size, device="cpu", **kwargs)
-    forwards = []
-    lm.model.register_forward_hook(lambda m, a, o: forwards.append(1))
-    lm.loglikelihood(requests[: args.batch_size * 2], disable_tqdm=True)  # warm-up
-    times, results = [], None
+    lm.forwards = []
+    lm.model.register_forward_hook(lambda m, a, o: lm.forwards.append(1))
+    return lm
+
+
+def rows(lm, requests) -> int:
+    """HFLM's rows: requests whose context and continuation-but-the-last-token agree share one row."""
+    keys = set()
+    for r in requests:
+        context, continuation = lm._encode_pair(*r.args)
+        keys.add(tuple(context + continuation[:-1]))
+    return len(keys)
+
+
+def measure(lms: dict, args, requests) -> dict:
+    """Each tier once per round, rounds interleaved (so drifting load on a shared machine hits
+    every tier alike); median wall and CPU time per tier."""
+    for lm in lms.values():
+        lm.loglikelihood(requests[: args.batch_size * 2], disable_tqdm=True)  # warm-up
+    wall = {t: [] for t in lms}
+    cpu = {t: [] for t in lms}
+    results, forwards = {}, {}
     for _ in range(args.repeats):
-        forwards.clear()
-        t = time.perf_counter()
-        results = lm.loglikelihood(requests, disable_tqdm=True)
-        times.append(time.perf_counter() - t)
-    seconds = statistics.median(times)
-    return {
-        "tier": tier or "resident",
-        "seconds": seconds,
-        "requests_per_s": len(requests) / seconds,
-        "forwards": len(forwards),
-        "loglikelihoods": [r[0] for r in results],
-        "stats": {str(k): v for k, v in lm.model.engram_offload_stats().items()},
-    }
+        for tier, lm in lms.items():
+            lm.forwards.clear()
+            t, c = time.perf_counter(), time.process_time()
+            results[tier] = [r[0] for r in lm.loglikelihood(requests, disable_tqdm=True)]
+            wall[tier].append(time.perf_counter() - t)
+            cpu[tier].append(time.process_time() - c)
+            forwards[tier] = len(lm.forwards)
+    out = {}
+    for tier, lm in lms.items():
+        w, c = statistics.median(wall[tier]), statistics.median(cpu[tier])
+        out[tier] = {
+            "tier": tier,
+            "seconds": w,
+            "cpu_seconds": c,
+            "requests_per_s": len(requests) / w,
+            "requests_per_cpu_s": len(requests) / c,
+            "forwards": forwards[tier],
+            "loglikelihoods": results[tier],
+            "stats": {str(k): v for k, v in lm.model.engram_offload_stats().items()},
+        }
+    return out
 
 
 def main(argv=None) -> dict:
@@ -146,33 +174,42 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
         sizes = build_checkpoint(ckpt, tokenizer, args.rows)
-        runs = [measure(ckpt, tier, args, requests) for tier in (None, "cpu", "disk")]
+        lms = {tier or "resident": load(ckpt, tier, args) for tier in (None, "cpu", "disk")}
+        n_rows = rows(lms["resident"], requests)
+        runs = list(measure(lms, args, requests).values())
     base = runs[0]
     for r in runs:
         r["ratio_to_resident"] = r["requests_per_s"] / base["requests_per_s"]
+        r["cpu_ratio_to_resident"] = r["requests_per_cpu_s"] / base["requests_per_cpu_s"]
         r["identical_to_resident"] = r["loglikelihoods"] == base["loglikelihoods"]
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report = {
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-        f"{args.threads} threads",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
+        "load_average_1min_at_end": load_avg,
         "requests": len(requests),
         "questions": len(requests) // 4,
+        "rows": n_rows,
         "batch_size": args.batch_size,
-        # HFLM scores a question's four one-token answers in one row: rows = questions, one forward per batch.
         "forwards_per_pass": base["forwards"],
-        "forwards_one_per_batch": math.ceil(len(requests) // 4 / args.batch_size),
+        "forwards_one_per_batch": math.ceil(n_rows / args.batch_size),
         "tokenizer": args.tokenizer,
         "vocab_size": len(tokenizer),
         "model": sizes,
+        "repeats": args.repeats,
         "runs": [{k: v for k, v in r.items() if k != "loglikelihoods"} for r in runs],
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{report['requests']} MMLU 0-shot requests, batch {args.batch_size}, {report['machine']}")
+        print(
+            f"{report['requests']} MMLU 0-shot requests in {report['rows']} rows, batch {args.batch_size}, "
+            f"{report['machine']}, load {load_avg}"
+        )
         for r in report["runs"]:
             print(
-                f"{r['tier']:>9}: {r['requests_per_s']:8.1f} requests/s  ({r['ratio_to_resident']:.2f}x resident, "
-                f"{r['forwards']} forwards, identical: {r['identical_to_resident']})"
+                f"{r['tier']:>9}: {r['requests_per_s']:8.1f} requests/s ({r['ratio_to_resident']:.2f}x resident), "
+                f"{r['requests_per_cpu_s']:8.1f} per CPU-s ({r['cpu_ratio_to_resident']:.2f}x), "
+                f"{r['forwards']} forwards, identical: {r['identical_to_resident']}"
             )
     if not all(r["identical_to_resident"] for r in runs):
         sys.exit("offloaded tiers returned different log-likelihoods")

@@ -207,3 +207,32 @@ def test_plain_lm_eval_hf_on_a_saved_checkpoint(ckpt, tmp_path):
     acc = json.loads(path.read_text())["results"]["offline_mmlu_anatomy"]["acc,none"]
     ours = _run(ckpt, ["offline_mmlu_anatomy"], tmp_path, limit=4)["outputs"][False]
     assert acc == ours["results"]["offline_mmlu_anatomy"]["acc,none"]
+
+
+def test_ruler_longer_than_the_model_is_refused(ckpt, tmp_path):
+    from engram_hf.evaluation.runner import EvalSpec, run_eval
+
+    spec = EvalSpec(model=str(ckpt), tasks=["niah_single_1"], max_seq_lengths=[8192], out=str(tmp_path), device="cpu")
+    with pytest.raises(ValueError, match="RULER length 8192 exceeds the model's maximum sequence length 4096"):
+        run_eval(spec, progress=lambda line: None)
+
+
+@pytest.mark.slow
+def test_python_m_engram_hf_evaluation_is_lm_evals_cli_with_the_engram_model(ckpt, tmp_path):
+    need_shared(EVAL_DATA, "The evaluation data (MMLU)")
+    env = dict(os.environ, **OFFLINE, ENGRAM_HF_EVAL_DATA=str(EVAL_DATA))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    results = {}
+    for masked in ("False", "True"):
+        cmd = [sys.executable, "-m", "engram_hf.evaluation", "--model", "engram", "--model_args"]
+        cmd += [f"pretrained={ckpt},engram_mask={masked},engram_offload=disk", "--tasks", "offline_mmlu_anatomy"]
+        cmd += ["--limit", "3", "--device", "cpu", "--log_samples", "--output_path", str(tmp_path / masked)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (path,) = list((tmp_path / masked).rglob("samples_offline_mmlu_anatomy_*.jsonl"))
+        lines = sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
+        results[masked] = [s["resps"] for s in lines]
+    assert results["False"] != results["True"]
+    ours = _run(ckpt, ["offline_mmlu_anatomy"], tmp_path, limit=3, engram_mask=True)["outputs"][True]
+    in_process = [s["resps"] for s in sorted(ours["samples"]["offline_mmlu_anatomy"], key=lambda s: s["doc_id"])]
+    assert results["True"] == json.loads(json.dumps(in_process))

@@ -31,6 +31,8 @@ import zlib
 from functools import lru_cache
 from importlib import resources
 
+from tqdm.auto import tqdm
+
 from . import data
 
 log = logging.getLogger(__name__)
@@ -279,7 +281,6 @@ def niah_samples(
         num_haystack += incremental
     num_haystack = max(num_haystack, num_needles)
 
-    out = []
     for index in range(n):
         used = num_haystack
         while used > 0:  # shrink until the sample fits
@@ -291,7 +292,7 @@ def niah_samples(
         else:
             continue
         single = num_needle_q * num_needle_v == 1
-        out.append(
+        yield (
             {
                 "index": index,
                 "input": text,
@@ -305,7 +306,6 @@ def niah_samples(
                 ),
             }
         )
-    return out
 
 
 NIAH = {
@@ -386,7 +386,6 @@ def _vt_generate(tokenizer, rng, length, n, incremental=10, tokens_to_generate=3
             break
         num_noises += incremental
     num_noises = max(num_noises, 1)
-    out = []
     for index in range(n):
         used = num_noises
         while True:
@@ -404,7 +403,7 @@ def _vt_generate(tokenizer, rng, length, n, incremental=10, tokens_to_generate=3
         gen_prefix = text[prefix_at:].strip()
         if icl is not None:
             text = text[:prefix_at]
-        out.append(
+        yield (
             {
                 "index": index,
                 "input": text,
@@ -414,12 +413,13 @@ def _vt_generate(tokenizer, rng, length, n, incremental=10, tokens_to_generate=3
                 "gen_prefix": gen_prefix,
             }
         )
-    return out
 
 
 def vt_samples(task, tokenizer, rng, length, n, data_dir=None):
-    icl = _vt_generate(tokenizer, rng, 500, 1, incremental=5)[0]
-    return _vt_generate(tokenizer, rng, length, n, icl=icl)
+    icl = next(iter(_vt_generate(tokenizer, rng, 500, 1, incremental=5)), None)
+    if icl is None:
+        raise ValueError("RULER vt: no in-context example fits 500 tokens.")
+    yield from _vt_generate(tokenizer, rng, length, n, icl=icl)
 
 
 # ----------------------------------------------------------------------------- common words
@@ -474,7 +474,6 @@ def cwe_samples(task, tokenizer, rng, length, n, data_dir=None, incremental=10):
             num_words = limit
             break
     num_words = max(num_words, 11)
-    out = []
     for index in range(n):
         used = num_words
         while True:
@@ -485,7 +484,7 @@ def cwe_samples(task, tokenizer, rng, length, n, data_dir=None, incremental=10):
             used = max(11, used - incremental)
         if size > length:
             continue
-        out.append(
+        yield (
             {
                 "index": index,
                 "input": text[: text.rfind(CWE_ANSWER_PREFIX)].strip(),
@@ -496,7 +495,6 @@ def cwe_samples(task, tokenizer, rng, length, n, data_dir=None, incremental=10):
                 "input_example": example,
             }
         )
-    return out
 
 
 # ----------------------------------------------------------------------------- frequent words
@@ -539,7 +537,6 @@ def fwe_samples(task, tokenizer, rng, length, n, data_dir=None, coded_wordlen=6,
         num_words += incremental
         text, _ = _fwe_text(vocab, num_words, alpha)
     num_words -= incremental
-    out = []
     for index in range(n):
         vocab = _fwe_vocab(rng, vocab_size, coded_wordlen)
         used = num_words
@@ -550,7 +547,7 @@ def fwe_samples(task, tokenizer, rng, length, n, data_dir=None, coded_wordlen=6,
         size = _n_tokens(tokenizer, text) + MAX_GEN_TOKS[task]
         if size > length:
             continue
-        out.append(
+        yield (
             {
                 "index": index,
                 "input": text[: text.rfind(FWE_ANSWER_PREFIX)].strip(),
@@ -560,7 +557,6 @@ def fwe_samples(task, tokenizer, rng, length, n, data_dir=None, coded_wordlen=6,
                 "gen_prefix": FWE_ANSWER_PREFIX.strip(),
             }
         )
-    return out
 
 
 # ----------------------------------------------------------------------------- question answering
@@ -641,14 +637,13 @@ def qa_samples(task, tokenizer, rng, length, n, data_dir=None, incremental=10):
             num_docs = len(docs)
             break
     num_docs = max(num_docs, 1)
-    out = []
     for index in range(min(n, len(qas))):
         floor = len(qas[index]["context"])
         for used in [*range(max(num_docs, floor), floor, -incremental), floor]:
             text, answer = _qa_input(rng, index, used, qas, docs)
             size = _n_tokens(tokenizer, text) + tokens_to_generate
             if size <= length:
-                out.append(
+                yield (
                     {
                         "index": index,
                         "input": text,
@@ -659,11 +654,10 @@ def qa_samples(task, tokenizer, rng, length, n, data_dir=None, incremental=10):
                     }
                 )
                 break
-    return out
 
 
 # ----------------------------------------------------------------------------- lm-eval entries
-def samples(task: str, metadata: dict, data_dir=None) -> list[dict]:
+def samples(task: str, metadata: dict, data_dir=None, progress: bool = True) -> list[dict]:
     """All samples of one RULER task at the lengths and counts the metadata asks for."""
     if task not in TASKS:
         raise ValueError(f"Unknown RULER task {task!r}; expected one of {list(TASKS)}.")
@@ -678,11 +672,11 @@ def samples(task: str, metadata: dict, data_dir=None) -> list[dict]:
     for length in lengths_from(metadata):
         rng = _rng(seed, task, length)
         if task in NIAH:
-            batch = niah_samples(task, tokenizer, rng, length, n, data_dir, **NIAH[task])
+            generator = niah_samples(task, tokenizer, rng, length, n, data_dir, **NIAH[task])
         else:
-            batch = {"vt": vt_samples, "cwe": cwe_samples, "fwe": fwe_samples}.get(task, qa_samples)(
-                task, tokenizer, rng, length, n, data_dir
-            )
+            make = {"vt": vt_samples, "cwe": cwe_samples, "fwe": fwe_samples}.get(task, qa_samples)
+            generator = make(task, tokenizer, rng, length, n, data_dir)
+        batch = list(tqdm(generator, total=n, desc=f"RULER {task} @ {length} tokens", disable=not progress))
         if not batch:
             raise ValueError(f"RULER {task}: no sample fits {length} tokens; use a longer length.")
         if len(batch) < n:

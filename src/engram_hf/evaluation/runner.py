@@ -226,6 +226,14 @@ def run_eval(spec: EvalSpec, progress=print) -> dict:
     where = f", Engram tables: {spec.engram_offload}" if spec.engram_offload else ""
     progress(f"loading {spec.model}{where}")
     lm = load_lm(spec)
+    if any(_family(leaf.name) == "ruler" for leaf in the_plan.leaves):
+        longest = max(ruler.lengths_from({"max_seq_lengths": spec.max_seq_lengths}))
+        if longest > lm.max_length:
+            # HFLM would cut the prompt's start to fit, silently removing needles.
+            raise ValueError(
+                f"RULER length {longest} exceeds the model's maximum sequence length {lm.max_length}; "
+                "pass --max-seq-lengths up to it."
+            )
 
     runs = [False, True] if spec.compare_mask else [spec.engram_mask]
     outputs = {}
