@@ -183,9 +183,9 @@ def default_data_dir() -> Path:
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
     """The data directory and how it was chosen (for error messages)."""
     if data_dir:
-        return Path(data_dir).expanduser(), "given as data_dir (--data-dir)"
+        return Path(data_dir).expanduser(), "set by --data-dir or the data_dir task metadata"
     if os.environ.get(DATA_ENV):
-        return Path(os.environ[DATA_ENV]).expanduser(), f"from ${DATA_ENV}"
+        return Path(os.environ[DATA_ENV]).expanduser(), f"set by ${DATA_ENV}"
     return default_data_dir(), f"the default; set --data-dir or ${DATA_ENV} to use another"
 
 

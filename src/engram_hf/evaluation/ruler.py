@@ -15,6 +15,11 @@ differs, and why:
 * Sequence lengths are any powers of two from 256 to 1,048,576 (metadata ``max_seq_lengths``,
   default ``[4096]``); each length is a metric of its own, and ``score`` averages all samples.
 * Samples per length: metadata ``ruler_samples`` (default 500, as upstream).
+* Smaller departures, each noted where it is made: QA scores "any accepted answer" as the original
+  RULER does (lm-eval's port averages over the accepted answers); FWE leaves room for the answer in
+  the length like every other task; essay haystacks grow in 25-word steps below 4k tokens (500
+  above, as upstream); adjective-noun needle keys draw the two words independently; a sample that
+  cannot fit is dropped (with a warning) rather than emitted over length.
 
 The tokenizer that sizes the samples is the model's: metadata ``tokenizer`` or ``pretrained`` (lm-eval
 passes the model arguments as metadata; ``engram-hf eval`` passes the checkpoint).

@@ -77,6 +77,8 @@ def plan(spec: EvalSpec) -> Plan:
         raise ValueError("Give at least one task (--tasks), e.g. mmlu, bbh, humaneval, minerva_math500, ruler.")
     if spec.limit is not None and spec.limit <= 0:
         raise ValueError(f"--limit must be positive, got {spec.limit}.")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ModuleNotFoundError("engram-hf eval runs lm-eval: pip install 'engram-hf[eval]'.")
     catalog = suite.catalog()
     names, leaves, foreign, notes = [], [], [], []
     for raw in spec.tasks:
