@@ -19,6 +19,7 @@ SHARED = Path(os.environ.get("ENGRAM_HF_SHARED_DIR", REPO.parent / "shared"))
 GOLDEN_DIR = Path(os.environ.get("ENGRAM_HF_GOLDEN_DIR", SHARED / "golden"))
 GPT2_DIR = SHARED / "data" / "tokenizers" / "gpt2"
 SHAKESPEARE = SHARED / "data" / "corpus" / "shakespeare"
+EVAL_DATA = SHARED / "data" / "eval"
 SHARED_HINT = (
     "The reference data lives in the shared/ folder beside this checkout (the project's steering "
     "repository); point ENGRAM_HF_SHARED_DIR (or ENGRAM_HF_GOLDEN_DIR for the golden vectors) at a copy."
@@ -77,6 +78,24 @@ def tiny_model(seed=0, sharp=False, **overrides):
         if sharp:
             model.lm_head.weight.mul_(40.0)
     return model
+
+
+def save_tiny_checkpoint(path, vocab_size=384, seed=0, **overrides):
+    """A tiny EngramMoE saved with its own byte-level BPE tokenizer (trained on the built-in
+    Sonnets) and compression table: a complete checkpoint for from_pretrained and lm-eval, with a
+    small vocabulary so full-sequence logits stay cheap."""
+    from engram_hf import build_compression_table
+    from engram_hf.data import builtin_text
+    from engram_hf.training.run import tokenizer_fields
+    from engram_hf.training.tokenizer import train_bpe_tokenizer
+
+    tok = train_bpe_tokenizer([builtin_text()], vocab_size)
+    table = build_compression_table(tok, progress=False)
+    model = tiny_model(seed=seed, **tokenizer_fields(tok, table), **overrides)
+    model.set_compression_table(table)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
 
 
 def random_ids(b, t, seed=1, vocab=97, low=2):

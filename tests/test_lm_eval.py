@@ -1,8 +1,10 @@
-"""lm-eval (HFLM) runs EngramMoE, resident and with disk-offloaded tables, with identical results."""
+"""lm-eval (HFLM) runs EngramMoE, resident and with disk-offloaded tables, with identical results
+that equal an independent computation of each choice's log-likelihood."""
 
 import json
 
 import pytest
+import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -42,10 +44,23 @@ def _evaluate(model, tokenizer, task_dir):
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=2)
     out = lm_eval.simple_evaluate(
-        model=lm, tasks=["engram_tiny_mc"], task_manager=TaskManager(include_path=str(task_dir)), log_samples=True
+        model=lm,
+        tasks=["engram_tiny_mc"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
     )
-    samples = out["samples"]["engram_tiny_mc"]
+    samples = sorted(out["samples"]["engram_tiny_mc"], key=lambda s: s["doc_id"])
     return out["results"]["engram_tiny_mc"]["acc,none"], [s["resps"] for s in samples]
+
+
+@torch.no_grad()
+def _direct_loglikelihoods(model, tok, question, choice):
+    """log P(" choice" | question), summed over the choice's tokens, by one plain forward."""
+    ctx = tok(question)["input_ids"]
+    cont = tok(question + " " + choice)["input_ids"][len(ctx) :]
+    ids = torch.tensor([ctx + cont])
+    logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
+    return sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
 
 
 def test_lm_eval_resident_and_disk_offloaded_agree(task_dir, tmp_path, monkeypatch):
@@ -64,6 +79,13 @@ def test_lm_eval_resident_and_disk_offloaded_agree(task_dir, tmp_path, monkeypat
     ).eval()
     acc_r, resps_r = _evaluate(resident, tok, task_dir)
     acc_o, resps_o = _evaluate(offloaded, tok, task_dir)
-    assert 0.0 <= acc_r <= 1.0
+
+    # lm-eval's numbers equal a direct computation: each choice's log-likelihood, then the argmax.
+    expected = [[_direct_loglikelihoods(resident, tok, q, c) for c in choices] for q, choices, _ in QUESTIONS]
+    got = [[r[0][0] for r in doc] for doc in resps_r]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-4, rtol=1e-5)
+    picks = [max(range(4), key=lambda i, ll=ll: ll[i]) for ll in expected]
+    assert acc_r == sum(p == a for p, (_, _, a) in zip(picks, QUESTIONS)) / len(QUESTIONS)
+
     assert acc_o == acc_r and resps_o == resps_r
     assert all(s["synchronous_lookups"] > 0 for s in offloaded.engram_offload_stats().values())

