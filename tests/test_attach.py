@@ -322,3 +322,14 @@ def test_unsupported_architectures_are_named():
         attach_engram(model, tiny_spec(layer_ids=[1]), compression_table=tiny_compression())
     with pytest.raises(TypeError, match="PreTrainedModel"):
         attach_engram(torch.nn.Linear(2, 2), tiny_spec(), compression_table=tiny_compression())
+
+
+def test_precomputed_masks_are_refused_not_guessed():
+    """A 4-D mask (or generate's dict of them with a static cache) no longer says which tokens are
+    padding; Engram refuses it rather than hash pads as tokens."""
+    model = attached("gemma2")
+    ids = random_ids(1, 5, vocab=101)
+    with pytest.raises(ValueError, match="2-D attention mask .* static cache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    with pytest.raises(ValueError, match="got a 4-D mask"):
+        model(ids, attention_mask=torch.ones(1, 1, 5, 5, dtype=torch.bool))

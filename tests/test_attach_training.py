@@ -49,14 +49,14 @@ def test_engram_alone_trains_with_the_rowwise_optimizer(tmp_path):
     )
     trainer = Trainer(
         model=model.train(),
-        args=cpu_training_args(tmp_path, 30, learning_rate=1e-2, lr_scheduler_type="constant"),
-        train_dataset=corpus_blocks(vocab=101),
+        args=cpu_training_args(tmp_path, 20, learning_rate=1e-2, lr_scheduler_type="constant"),
+        train_dataset=corpus_blocks(vocab=101, n_tokens=256),  # one batch, seen every step
         optimizers=(optimizer, None),
     )
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    # The base is random and frozen, so Engram learns slowly here; it must still learn.
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.1, losses
+    # Through a random frozen base Engram learns slowly, but it must learn (here: memorise one batch).
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2, losses
     for n, p in base_params(model).items():
         assert torch.equal(p, base_before[n]), f"base parameter {n} changed"
     after = snapshot(model.engram)
@@ -170,6 +170,7 @@ def base_with_tokenizer(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # two short training runs through the CLI: ~20 s on 2 cores
 def test_train_cli_with_base(base_with_tokenizer, tmp_path, capsys):
     from engram_hf.cli import main
 

@@ -218,7 +218,16 @@ class EngramAttachment(nn.Module):
             raise ValueError(f"The input is empty (shape {[B, T]}): give at least one token per sequence.")
         attention_mask = call.get("attention_mask", args, kwargs)
         token_mask = None
-        if attention_mask is not None and attention_mask.dim() == 2:
+        if attention_mask is not None:
+            if not torch.is_tensor(attention_mask) or attention_mask.dim() != 2:
+                # A precomputed 4-D mask (or a dict of them, as generate builds for static caches) no longer
+                # says which tokens are padding; guessing would hash pads as tokens.
+                kind = "a dict of masks" if isinstance(attention_mask, dict) else f"a {attention_mask.dim()}-D mask"
+                raise ValueError(
+                    f"Engram needs the 2-D attention mask (which tokens are padding), but {self.backbone.arch}'s "
+                    f"decoder got {kind}, as generate passes with a static cache. Use the default dynamic cache "
+                    "(cache_implementation='dynamic') or pass a 2-D mask."
+                )
             if attention_mask.shape[0] != B or attention_mask.shape[1] < T:
                 raise ValueError(
                     f"attention_mask {list(attention_mask.shape)} does not cover input of shape [{B}, {T}]."
