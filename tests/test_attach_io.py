@@ -77,6 +77,8 @@ def test_adapter_with_offloaded_tables(trained, tmp_path, tier):
     assert all(isinstance(m.table, OffloadedTable) for m in other.engram.engram_layers().values())
     assert torch.equal(logits(other), logits(model))
     assert torch.equal(other.generate(IDS, max_new_tokens=5, do_sample=False), model.generate(IDS, max_new_tokens=5))
+    stats = other.engram.offload_stats()
+    assert set(stats) == {0, 2} and all(s["tier"] == tier and s["cache"]["capacity"] == 16 for s in stats.values())
     with pytest.raises(ValueError, match="offloaded tables"):
         save_engram(other, tmp_path / "again")
 

@@ -187,6 +187,10 @@ class EngramAttachment(nn.Module):
     def engram_parameters(self, name: str | None = None) -> list[nn.Parameter]:
         return list(self.adapter(name).parameters())
 
+    def offload_stats(self, name: str | None = None) -> dict:
+        """Per offloaded table of an adapter: tier, bytes, prefetched vs synchronous lookups, cache hits."""
+        return {i: m.table.stats() for i, m in self.adapter(name).memories().items() if m.offloaded}
+
     def fingerprint(self, name: str | None = None) -> str:
         return self.adapter(name).fingerprint()
 
