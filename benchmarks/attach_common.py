@@ -88,14 +88,18 @@ def cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_loop(model, optimizer, blocks, steps: int, batch_size: int, seed: int, desc: str, warmup_frac=0.1):
-    """Plain causal-LM training; returns (losses per step, training tokens per second)."""
+def train_loop(
+    model, optimizer, blocks, steps: int, batch_size: int, seed: int, desc: str, warmup_frac=0.1, step_times=None
+):
+    """Plain causal-LM training; returns (losses per step, training tokens per second). Each step's
+    wall time is appended to ``step_times`` if given."""
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     warmup = max(1, int(steps * warmup_frac))
     model.train()
     losses, tokens = [], 0
     start = time.perf_counter()
     for step, batch in enumerate(tqdm(batches(blocks, batch_size, steps, seed), total=steps, desc=desc, leave=False)):
+        t0 = time.perf_counter()
         for g, lr in zip(optimizer.param_groups, base_lrs):
             g["lr"] = lr * cosine(step, steps, warmup)
         loss = model(input_ids=batch, labels=batch).loss
@@ -108,6 +112,8 @@ def train_loop(model, optimizer, blocks, steps: int, batch_size: int, seed: int,
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         tokens += batch.numel()
+        if step_times is not None:
+            step_times.append(time.perf_counter() - t0)
     elapsed = time.perf_counter() - start
     model.eval()
     return losses, tokens / elapsed

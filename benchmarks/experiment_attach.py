@@ -33,6 +33,7 @@ from attach_common import REPO, eval_loss, pretrain_base, split_corpus, train_lo
 from engram_hf import EngramSpec, attach_engram  # noqa: E402
 from engram_hf.attach.training import add_lora  # noqa: E402
 from engram_hf.optim import build_optimizer  # noqa: E402
+from engram_hf.utils import atomic_write_file  # noqa: E402
 
 LAYER = 1
 N_EMBED = 64  # per n-gram order, over 4 heads: 16-dim rows
@@ -161,6 +162,40 @@ def run(args) -> dict:
     }
 
 
+def measure_speed(args, rounds: int = 5, steps: int = 10) -> dict:
+    """Training tokens/s per method, measured apart from the runs: ``rounds`` round-robin passes of
+    ``steps`` steps each (after two warm-up steps), best pass per method. On a machine shared with
+    other jobs the slow passes measure their load, not the method; the best pass is the least
+    disturbed, and round-robin gives every method the same chances."""
+    from transformers import AutoTokenizer
+
+    from engram_hf.training import pack_texts
+
+    base_dir = Path(args.out) / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    _, adapt, _ = split_corpus()
+    blocks = pack_texts(tokenizer, adapt, args.block)
+    budget = trainable(lora_model(base_dir, args.lora_r))
+    half_lora = trainable(lora_model(base_dir, args.lora_r // 2))
+    size = table_size_for(budget, base_dir, tokenizer)
+    size_half = table_size_for(budget - half_lora, base_dir, tokenizer)
+    models = {
+        "lora": lora_model(base_dir, args.lora_r),
+        "engram": engram_model(base_dir, tokenizer, size, 0),
+        "engram+lora": engram_model(base_dir, tokenizer, size_half, 0, args.lora_r // 2),
+        "engram-16x-table": engram_model(base_dir, tokenizer, 16 * size, 0),
+    }
+    optimizers = {name: build_optimizer(m, lr=args.lr) for name, m in models.items()}
+    samples = {name: [] for name in models}
+    for name, model in models.items():
+        train_loop(model, optimizers[name], blocks, 2, args.batch_size, 99, f"warm-up {name}")
+    for r in range(rounds):
+        for name, model in models.items():
+            _, tps = train_loop(model, optimizers[name], blocks, steps, args.batch_size, r, f"speed {name}")
+            samples[name].append(tps)
+    return {name: max(v) for name, v in samples.items()} | {"samples": samples}
+
+
 def summarize(result: dict) -> list[dict]:
     rows = []
     for name in dict.fromkeys(r["method"] for r in result["runs"]):
@@ -176,6 +211,7 @@ def summarize(result: dict) -> list[dict]:
                 "held_out_sd": sd,
                 "per_seed": held,
                 "tokens_per_s": sum(r["tokens_per_s"] for r in rs) / len(rs),
+                "speed_tokens_per_s": result.get("speed", {}).get(name),
             }
         )
     return rows
@@ -186,8 +222,6 @@ def plot(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from engram_hf.utils import atomic_write_file
 
     rows = summarize(result)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
@@ -224,14 +258,16 @@ def markdown(result: dict) -> str:
     lines = [
         f"Base held-out loss before continued training: {result['base_held_out_loss']:.4f}",
         "",
-        "| method | trainable params | held-out loss (mean ± sd) | per seed | train tok/s |",
-        "|---|---:|---:|---|---:|",
+        "| method | trainable params | held-out loss (mean ± sd) | per seed | train tok/s (runs) | train tok/s "
+        "(best of round-robin passes) |",
+        "|---|---:|---:|---|---:|---:|",
     ]
     for r in summarize(result):
         seeds = ", ".join(f"{h:.4f}" for h in r["per_seed"])
+        speed = f"{r['speed_tokens_per_s']:,.0f}" if r["speed_tokens_per_s"] else "n/a"
         lines.append(
             f"| {r['method']} | {r['params']:,} | {r['held_out_mean']:.4f} ± {r['held_out_sd']:.4f} | {seeds} | "
-            f"{r['tokens_per_s']:,.0f} |"
+            f"{r['tokens_per_s']:,.0f} | {speed} |"
         )
     return "\n".join(lines)
 
@@ -252,9 +288,23 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--plot", default=str(REPO / "benchmarks" / "attach_experiment.png"))
     p.add_argument("--json", action="store_true", help="print the full result as JSON on stdout")
+    p.add_argument("--speed-rounds", type=int, default=5, help="round-robin throughput passes (0: none)")
+    p.add_argument(
+        "--add-speed-to",
+        help="measure only throughput and add it to this saved result JSON (rewrites it, the plot and the table)",
+    )
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.add_speed_to:
+        result = json.loads(Path(args.add_speed_to).read_text())
+        result["speed"] = measure_speed(args, args.speed_rounds)
+        atomic_write_file(args.add_speed_to, lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+        plot(result, Path(args.plot))
+        print(markdown(result), file=sys.stderr)
+        return
     result = run(args)
+    if args.speed_rounds:
+        result["speed"] = measure_speed(args, args.speed_rounds)
     plot(result, Path(args.plot))
     print(markdown(result), file=sys.stderr)
     if args.json:
