@@ -160,7 +160,7 @@ def _version(library: str) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default=str(REPO / "runs" / "attach_experiment" / "base"))
-    p.add_argument("--pretrain-steps", type=int, default=600, help="if --base does not exist yet")
+    p.add_argument("--pretrain-steps", type=int, default=500, help="if --base does not exist yet")
     p.add_argument("--table-size", type=int, default=4099, help="rows per (order, head) table")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=8)

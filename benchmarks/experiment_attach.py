@@ -275,8 +275,8 @@ def markdown(result: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(REPO / "runs" / "attach_experiment"))
-    p.add_argument("--pretrain-steps", type=int, default=600)
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--pretrain-steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--vocab", type=int, default=1536)
