@@ -173,3 +173,84 @@ def gpt2_tokenizer():
 @pytest.fixture(scope="session")
 def gpt2_compression(gpt2_tokenizer):
     return engram_hf.build_compression_table(gpt2_tokenizer, progress=False)
+
+
+# ----------------------------------------------------------------------------- attached Engram
+# Tiny configs of pretrained-model architectures Engram attaches to (vocab 101, 3 layers, hidden 32).
+# No EOS: generation never stops early, so it can be compared with a fixed-length recompute loop.
+_TINY_COMMON = dict(
+    vocab_size=101,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    pad_token_id=0,
+    eos_token_id=None,
+    bos_token_id=None,
+)
+TINY_ARCHS = {
+    "llama": dict(_TINY_COMMON),
+    "qwen3": dict(_TINY_COMMON, head_dim=8),
+    "mistral": dict(_TINY_COMMON, sliding_window=8),
+    "gemma": dict(_TINY_COMMON, head_dim=8),
+    "gemma2": dict(_TINY_COMMON, head_dim=8, sliding_window=8),
+    "gemma3_text": dict(_TINY_COMMON, head_dim=8, sliding_window=8),
+    "gpt2": dict(vocab_size=101, n_embd=32, n_layer=3, n_head=4, n_positions=128, eos_token_id=None, bos_token_id=None),
+    "qwen3_moe": dict(
+        _TINY_COMMON, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1
+    ),
+    "deepseek_v3": dict(
+        _TINY_COMMON,
+        num_key_value_heads=4,
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=None,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    ),
+}
+
+
+def tiny_causal_lm(arch="llama", seed=0, sharp=False, **overrides):
+    """A tiny randomly initialised transformers causal LM of architecture ``arch`` (a model_type).
+    ``sharp=True`` scales the output embedding so greedy choices win by wide margins."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(arch, **{**TINY_ARCHS[arch], **overrides})
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if sharp:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+def tiny_spec(**overrides):
+    from engram_hf import EngramSpec
+
+    kwargs = dict(layer_ids=[0, 2], table_size=[53, 59], n_head_per_ngram=2, n_embed_per_ngram=16)
+    kwargs.update(overrides)
+    return EngramSpec(**kwargs)
+
+
+def tiny_compression(vocab=101):
+    """A compression table that merges some ids (as a tokenizer's would), for models without a tokenizer."""
+    return torch.arange(vocab) % (vocab - 11)
+
+
+@torch.no_grad()
+def wake_engram(model, seed=0, scale=0.2, adapter=None):
+    """Give an attached adapter's silent-at-init parts (value projection, conv) non-trivial values, so
+    tests exercise every path, the cached conv state included."""
+    g = torch.Generator().manual_seed(seed)
+    for memory in model.engram.engram_layers(adapter).values():
+        for p in (memory.value_proj.weight, memory.conv.weight):
+            p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -1,11 +1,22 @@
 """engram-hf: Engram conditional memory (DeepSeek, arXiv 2601.07372) for Hugging Face transformers.
 
 Importing the package registers ``engram_moe`` with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForCausalLM``.
+``AutoModelForCausalLM``, and ``engram_attached`` (merged checkpoints of pretrained models with
+Engram attached, see ``engram_hf.attach``) with ``AutoConfig`` and ``AutoModelForCausalLM``.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .attach import (
+    AutoEngramForCausalLM,
+    EngramAttachedConfig,
+    EngramAttachedForCausalLM,
+    EngramSpec,
+    attach_engram,
+    detach_engram,
+    load_engram,
+    save_engram,
+)
 from .memory import (
     EngramMemory,
     HashContract,
@@ -27,8 +38,18 @@ AutoModelForCausalLM.register(EngramMoEConfig, EngramMoEForCausalLM, exist_ok=Tr
 EngramMoEConfig.register_for_auto_class()
 EngramMoEModel.register_for_auto_class("AutoModel")
 EngramMoEForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+AutoConfig.register(EngramAttachedConfig.model_type, EngramAttachedConfig, exist_ok=True)
+AutoModelForCausalLM.register(EngramAttachedConfig, EngramAttachedForCausalLM, exist_ok=True)
 
 __all__ = [
+    "AutoEngramForCausalLM",
+    "EngramAttachedConfig",
+    "EngramAttachedForCausalLM",
+    "EngramSpec",
+    "attach_engram",
+    "detach_engram",
+    "load_engram",
+    "save_engram",
     "EngramMoEConfig",
     "EngramMoEModel",
     "EngramMoEForCausalLM",

@@ -35,6 +35,21 @@ def _train(args) -> int:
 
     if bool(args.data) == bool(args.dataset):
         raise UsageError("give exactly one of --data FILES/DIRS or --dataset NAME")
+    engram = {}
+    if args.base:
+        if not args.engram_layers:
+            raise UsageError("--base needs --engram-layers: the decoder layers that get Engram")
+        engram = dict(
+            layer_ids=args.engram_layers,
+            table_size=args.engram_table_size if len(args.engram_table_size) > 1 else args.engram_table_size[0],
+            max_ngram_size=args.engram_ngram,
+            n_head_per_ngram=args.engram_heads,
+            n_embed_per_ngram=args.engram_embed,
+            kernel_size=args.engram_kernel,
+            seed=args.seed,
+        )
+    elif args.engram_layers or args.train_base:
+        raise UsageError("--engram-* options and --train-base go with --base (a pretrained model to attach to)")
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
@@ -62,16 +77,21 @@ def _train(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         bf16=args.bf16,
         lora_r=args.lora_r,
-        lora_targets=tuple(args.lora_targets),
+        lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
         seed=args.seed,
         init_from=args.init_from,
         engram_offload=None if args.engram_offload == "none" else args.engram_offload,
         engram_cache_rows=args.engram_cache_rows,
+        base=args.base,
+        engram=engram,
+        train_base=args.train_base,
     )
     check_spec(spec)
     texts = read_texts(args.data, args.text_field) if args.data else texts_from_dataset(args.dataset, args.text_field)
     result = run_training(spec, texts)
     print(f"model: {result['model_dir']}  held-out loss: {result['eval_loss_before']} -> {result['eval_loss_after']}")
+    if result.get("lora_adapter"):
+        print(f"LoRA adapter: {result['lora_adapter']}")
     if result["loss_curve"]:
         print(f"loss curve: {result['loss_curve']}")
     return 0
@@ -197,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser(
         "train",
-        help="train an EngramMoE with transformers.Trainer",
+        help="train an EngramMoE, or Engram on a pretrained model (--base), with transformers.Trainer",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     tr.add_argument(
@@ -241,9 +261,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--lora-targets",
         nargs="+",
-        default=["attention", "experts"],
-        help="groups (attention, experts, engram) or module names",
+        help="groups (attention, experts, engram) or module names (default: attention experts; with --base, "
+        "every linear layer of the base)",
     )
+    att = tr.add_argument_group(
+        "attach Engram to a pretrained model",
+        "with --base, continue training a pretrained causal LM with Engram attached (base frozen); writes "
+        "OUT/engram (the adapter) and OUT/model (merged) or, with --lora-r, OUT/lora",
+    )
+    att.add_argument("--base", help="a pretrained causal LM (directory or hub id); its tokenizer is used")
+    att.add_argument("--engram-layers", type=int, nargs="+", help="decoder layers (0-based) that get Engram")
+    att.add_argument("--engram-table-size", type=int, nargs="+", default=[100_003], help="base rows per n-gram order")
+    att.add_argument("--engram-ngram", type=int, default=3, help="largest n-gram order N")
+    att.add_argument("--engram-heads", type=int, default=8, help="hash heads per order")
+    att.add_argument("--engram-embed", type=int, default=256, help="embedding width per order")
+    att.add_argument("--engram-kernel", type=int, default=4, help="short-conv kernel size")
+    att.add_argument("--train-base", action="store_true", help="train the base's weights too (default: frozen)")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=_train)
 

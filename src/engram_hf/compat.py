@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 
+import torch
+import transformers
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
@@ -44,3 +46,19 @@ def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids):
 def output_cache(output):
     """The cache of a model output, under the field name of the installed release (no warning)."""
     return getattr(output, OUTPUT_CACHE_FIELD)
+
+
+# transformers' GradientCheckpointingLayer drops the cache it is given while checkpointing: since
+# 5.24 only when gradients are on (generation from a model in training mode keeps it), before that
+# whenever the layer is in training mode.
+_TRANSFORMERS_VERSION = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+_GC_DROPS_CACHE_ONLY_WITH_GRAD = _TRANSFORMERS_VERSION >= (5, 24)
+
+
+def gradient_checkpointing_drops_cache(layer) -> bool:
+    """Whether ``layer``'s attention will ignore the cache it is called with in this call."""
+    if not (getattr(layer, "gradient_checkpointing", False) and layer.training):
+        return False
+    if getattr(layer, "_can_checkpoint_with_cache", False):
+        return False
+    return torch.is_grad_enabled() or not _GC_DROPS_CACHE_ONLY_WITH_GRAD

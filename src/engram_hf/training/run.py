@@ -48,7 +48,12 @@ class TrainSpec:
     gradient_checkpointing: bool = False
     bf16: bool = False
     lora_r: int = 0
-    lora_targets: tuple = ("attention", "experts")
+    lora_targets: tuple | None = None  # None: attention+experts for EngramMoE, every linear layer with --base
+    # Continue training a pretrained causal LM (a directory or hub id) with Engram attached instead
+    # (``training.attach_run``): ``engram`` holds EngramSpec fields, ``train_base`` unfreezes the base.
+    base: str | None = None
+    engram: dict = field(default_factory=dict)
+    train_base: bool = False
     seed: int = 0
     progress: bool = True
     display_dir: str | None = None  # the path to report when out_dir is a temp dir moved there afterwards
@@ -88,6 +93,11 @@ def _check_fields(fields: dict, where: str, allowed_extra: set[str] = frozenset(
 
 def check_spec(spec: TrainSpec) -> None:
     """Checks that need no data: run first, so a typo fails before tokenizer training starts."""
+    if spec.base:
+        from .attach_run import check_base_spec
+
+        check_base_spec(spec)
+        return
     _check_fields(spec.config_overrides, "--set")
     if spec.config not in PRESETS:
         load_model_config(spec, _check_only=True)
@@ -196,6 +206,12 @@ def run_training(
     Held-out loss is measured on ``eval_texts`` if given, else on the first ``eval_fraction`` of
     the packed blocks (which are then not trained on).
     """
+    if spec.base:
+        if tokenizer is not None or model is not None:
+            raise ValueError("With spec.base the base model and its tokenizer are loaded from that path.")
+        from .attach_run import run_attach_training
+
+        return run_attach_training(spec, texts, eval_texts)
     out = Path(spec.out_dir)
     check_spec(spec)
     set_seed(spec.seed)
@@ -212,12 +228,13 @@ def run_training(
         train_set = torch.utils.data.Subset(data, range(n_eval, len(data)))
 
     base_model = model
+    lora_targets = spec.lora_targets or ("attention", "experts")
     if spec.lora_r:
         from peft import get_peft_model
 
         from .lora import lora_config
 
-        model = get_peft_model(model, lora_config(spec.lora_r, targets=spec.lora_targets))
+        model = get_peft_model(model, lora_config(spec.lora_r, targets=lora_targets))
     optimizer = None
     if spec.table_optimizer != "dense" and not spec.lora_r:
         optimizer = build_optimizer(
@@ -270,7 +287,7 @@ def run_training(
         f"{spec.steps} steps with `transformers.Trainer` ({spec.table_optimizer} table optimizer, lr "
         f"{spec.learning_rate}, cosine), blocks of {spec.block_size} tokens, batch {spec.batch_size}"
         + (f"; held-out loss {eval_before:.3f} -> {eval_after:.3f}" if eval_set is not None else "")
-        + (f"; LoRA r={spec.lora_r} on {', '.join(spec.lora_targets)}" if spec.lora_r else "")
+        + (f"; LoRA r={spec.lora_r} on {', '.join(lora_targets)}" if spec.lora_r else "")
         + "."
     )
 

@@ -1,0 +1,330 @@
+"""Saving and loading attached Engram: adapter files apart from the base, and merged checkpoints.
+
+**Adapter** (``model.engram.save_adapter(dir)``, ``load_engram(model, dir)``)::
+
+    dir/engram_config.json   format, adapter name, resolved spec, fingerprint, the base it was made for
+    dir/engram.safetensors   compressor.lookup_table, layers.<id>.<param> (tables, projections, norms, conv)
+
+**Merged** (``model.save_pretrained(dir)`` on an attached model): the base model's own save (every
+weight, Engram's under ``engram.adapters.<name>.``, in ``model.safetensors``), with ``config.json``
+replaced by an ``engram_attached`` config that holds the base's config and each adapter's spec.
+``AutoModelForCausalLM.from_pretrained(dir)`` (``engram_hf`` imported) rebuilds the base and
+attaches the adapters; ``Trainer`` resumes from such a checkpoint like from any other.
+
+Both load with ``engram_offload="cpu" | "disk"``: tables then stay out of the model's parameters,
+in RAM or memory-mapped from the safetensors file (``engram_hf.offload``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..offload.loading import TableInfo, check_table_memory, checkpoint_files, hub_kwargs, open_store
+from ..offload.stores import safetensors_header
+from ..offload.tiers import check_cache_rows, check_tier
+from ..utils import atomic_save_pretrained, atomic_write_dir
+from .adapter import EngramAdapter, place_adapter
+from .attachment import ATTR, attach_adapter, attachment_of
+from .backbone import Backbone, find_backbone
+from .spec import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, EngramSpec
+
+CONFIG_FILE = "engram_config.json"
+WEIGHTS_FILE = "engram.safetensors"
+# Where each adapter's weights sit in a merged checkpoint's state dict.
+MERGED_PREFIX = f"{ATTR}.adapters."
+
+
+def _base_identity(backbone: Backbone) -> dict:
+    cfg = backbone.model.config
+    return {
+        "architecture": backbone.arch,
+        "model_type": getattr(cfg, "model_type", None),
+        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        "vocab_rows": backbone.vocab_rows,
+        "hidden_size": backbone.hidden_size,
+        "num_hidden_layers": backbone.num_layers,
+    }
+
+
+def adapter_metadata(adapter: EngramAdapter, name: str, backbone: Backbone) -> dict:
+    from .. import __version__
+
+    return {
+        "format": ADAPTER_FORMAT,
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "adapter_name": name,
+        "spec": adapter.spec.to_dict(),
+        "fingerprint": adapter.fingerprint(),
+        "base_model": _base_identity(backbone),
+        "engram_hf_version": __version__,
+    }
+
+
+def _check_saveable(adapter: EngramAdapter, name: str) -> None:
+    if adapter.offloaded:
+        raise ValueError(
+            f"Engram adapter {name!r} has offloaded tables (not parameters), so a save would lack them. Load it "
+            "without engram_offload to save it."
+        )
+
+
+def save_adapter(adapter: EngramAdapter, name: str, backbone: Backbone, save_directory) -> Path:
+    _check_saveable(adapter, name)
+    meta = adapter_metadata(adapter, name, backbone)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "engram_adapter": name})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    return atomic_write_dir(save_directory, write)
+
+
+# ---------------------------------------------------------------------------- tensor sources
+class TensorSource:
+    """The tensors of one adapter inside safetensors files: relative key -> (file, stored key, header)."""
+
+    def __init__(self, files: list[Path], prefix: str = ""):
+        self.entries: dict[str, tuple[str, str, dict]] = {}
+        for file in files:
+            header, _ = safetensors_header(file)
+            for key, info in header.items():
+                if key != "__metadata__" and key.startswith(prefix):
+                    self.entries[key[len(prefix) :]] = (str(file), key, info)
+
+    def keys(self) -> set[str]:
+        return set(self.entries)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        file, stored, _ = self.entries[key]
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return f.get_tensor(stored)
+
+    def table_info(self, layer_id: int, key: str) -> TableInfo:
+        file, stored, info = self.entries[key]
+        rows, dim = info["shape"]
+        return TableInfo(layer_id, file, stored, int(rows), int(dim), info["dtype"])
+
+
+def _table_key(layer_id: int) -> str:
+    return f"layers.{layer_id}.table.weight"
+
+
+def load_adapter_weights(
+    spec: EngramSpec,
+    source: TensorSource,
+    backbone: Backbone,
+    *,
+    fingerprint: str | None = None,
+    engram_offload: str | None = None,
+    engram_cache_rows: int = 0,
+    dtype: torch.dtype | None = None,
+    where: str = "",
+) -> EngramAdapter:
+    """Build an adapter from stored tensors (no random init), tables on their tier, placed beside
+    its layers. Every expected tensor must be present with its expected shape."""
+    tier = check_tier(engram_offload)
+    cache_rows = check_cache_rows(engram_cache_rows, tier)
+    backbone.check_layer_ids(spec.layer_ids)
+    with torch.device("meta"):
+        adapter = EngramAdapter(spec, offload=tier)
+    expected = adapter.state_dict()  # offloaded tables are not in it: they are bound to stores below
+    tables = {i: _table_key(i) for i in spec.layer_ids}
+    stored = set(expected) | set(tables.values())
+    missing = sorted(stored - source.keys())
+    unexpected = sorted(source.keys() - stored)
+    if missing or unexpected:
+        raise ValueError(
+            f"Engram weights{where} do not match their spec: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}."
+        )
+    infos = {i: source.table_info(i, key) for i, key in tables.items()}
+    for i, info in infos.items():
+        want = (adapter.layers[str(i)].num_table_rows, spec.head_dim)
+        if (info.rows, info.dim) != want:
+            raise ValueError(f"Engram table of layer {i}{where} is {info.rows}x{info.dim}, its spec needs {want}.")
+    if tier is not None:
+        check_table_memory(infos, tier, cache_rows)
+    state = {}
+    for key, meta_tensor in expected.items():
+        t = source.tensor(key)
+        if tuple(t.shape) != tuple(meta_tensor.shape):
+            raise ValueError(
+                f"Engram weight {key}{where} has shape {list(t.shape)}, expected {list(meta_tensor.shape)}."
+            )
+        state[key] = t
+    adapter.load_state_dict(state, strict=True, assign=True)
+    adapter.rebuild_hash_buffers()
+    adapter.compressor.validate()
+    if fingerprint is not None and adapter.fingerprint() != fingerprint:
+        raise ValueError(
+            f"Engram adapter{where} addresses rows differently from when it was saved (fingerprint "
+            f"{adapter.fingerprint()} != {fingerprint}): its compression table or spec was changed."
+        )
+    if dtype is None:
+        dtype = next(t for k, t in state.items() if t.is_floating_point()).dtype
+    place_adapter(adapter, backbone, dtype)
+    if tier is not None:
+        for i, memory in adapter.memories().items():
+            device = memory.key_proj.weight.device
+            memory.table.bind(open_store(infos[i], tier), cache_rows, device if tier == "cpu" else "cpu")
+    return adapter
+
+
+def _read_adapter_config(path: Path) -> dict:
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not an Engram adapter directory (no {CONFIG_FILE}).")
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON (corrupt file?): {e}") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{file} is not an engram-hf adapter config (format {meta.get('format')!r}).")
+    if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
+        raise ValueError(
+            f"{file} has adapter format version {meta['format_version']}; this engram-hf reads up to "
+            f"{ADAPTER_FORMAT_VERSION}. Upgrade engram-hf."
+        )
+    return meta
+
+
+def check_base_matches(meta: dict, backbone: Backbone, where: str) -> None:
+    base = meta.get("base_model", {})
+    here = _base_identity(backbone)
+    for key in ("vocab_rows", "hidden_size", "num_hidden_layers", "model_type"):
+        if base.get(key) is not None and base.get(key) != here[key]:
+            raise ValueError(
+                f"Engram adapter{where} was made for a {base.get('architecture')} with {key}={base.get(key)!r}, "
+                f"but this {here['architecture']} has {key}={here[key]!r}."
+            )
+
+
+def load_engram(
+    model,
+    path,
+    adapter_name: str | None = None,
+    *,
+    engram_offload: str | None = None,
+    engram_cache_rows: int = 0,
+    activate: bool = True,
+    freeze_base: bool = True,
+    dtype: torch.dtype | None = None,
+):
+    """Load a saved Engram adapter onto ``model`` (attaching Engram if it has none); returns ``model``.
+
+    ``adapter_name`` defaults to the saved name. ``engram_offload="cpu" | "disk"`` keeps the tables
+    in RAM or memory-mapped from the adapter file (inference; ``engram_cache_rows=N`` caches hot rows).
+    """
+    path = Path(path)
+    meta = _read_adapter_config(path)
+    where = f" at {path}"
+    backbone = attachment_of(model).backbone if attachment_of(model) is not None else find_backbone(model)
+    check_base_matches(meta, backbone, where)
+    spec = EngramSpec.from_dict(meta["spec"])
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}.")
+    adapter = load_adapter_weights(
+        spec,
+        TensorSource([weights]),
+        backbone,
+        fingerprint=meta.get("fingerprint"),
+        engram_offload=engram_offload,
+        engram_cache_rows=engram_cache_rows,
+        dtype=dtype,
+        where=where,
+    )
+    attach_adapter(model, adapter_name or meta["adapter_name"], adapter, freeze_base=freeze_base, activate=activate)
+    return model
+
+
+# ---------------------------------------------------------------------------- merged checkpoints
+def merged_engram_section(model) -> dict:
+    attachment = attachment_of(model)
+    return {
+        "format_version": ADAPTER_FORMAT_VERSION,
+        "active_adapter": attachment.active_adapter,
+        "adapters": {
+            name: {"spec": a.spec.to_dict(), "fingerprint": a.fingerprint()} for name, a in attachment.adapters.items()
+        },
+    }
+
+
+def merged_save_pretrained(model, save_directory, *args, **kwargs):
+    """``save_pretrained`` of an Engram-attached model (installed on the instance by ``attach_engram``):
+    the base class's save, every weight included, then an ``engram_attached`` ``config.json``.
+    Atomic like every save here; files already in the directory (a tokenizer) are kept."""
+    base_save = type(model).save_pretrained
+    attachment = attachment_of(model)
+    if attachment is None:
+        return base_save(model, save_directory, *args, **kwargs)
+    for name, adapter in attachment.adapters.items():
+        _check_saveable(adapter, name)
+    if kwargs.get("push_to_hub"):
+        raise ValueError("Save the Engram-attached model locally, then upload the folder (push_to_hub is not atomic).")
+    if not kwargs.get("is_main_process", True):
+        return None
+    from .auto import EngramAttachedConfig
+
+    engram = merged_engram_section(model)
+
+    def write(tmp: Path) -> None:
+        base_save(model, tmp, *args, **kwargs)
+        config_file = tmp / "config.json"
+        base_config = json.loads(config_file.read_text(encoding="utf-8"))
+        merged = EngramAttachedConfig(base_config=base_config, engram=engram)
+        merged.to_json_file(str(config_file))
+
+    return atomic_save_pretrained(write, save_directory)
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@contextmanager
+def ignoring_engram_keys(model_class):
+    """While loading the base from a merged checkpoint, its Engram keys are ours to load, not
+    "unexpected" weights for transformers to warn about."""
+    with _LOAD_LOCK:
+        had = "_keys_to_ignore_on_load_unexpected" in model_class.__dict__
+        previous = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected")
+        patterns = list(getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or [])
+        model_class._keys_to_ignore_on_load_unexpected = [*patterns, rf"^{ATTR}\.adapters\."]
+        try:
+            yield
+        finally:
+            if had:
+                model_class._keys_to_ignore_on_load_unexpected = previous
+            else:
+                del model_class._keys_to_ignore_on_load_unexpected
+
+
+def attach_merged_adapters(
+    model, path, engram: dict, *, engram_offload=None, engram_cache_rows=0, freeze_base=True, **kwargs
+):
+    """Attach the adapters listed in a merged checkpoint's config, weights read from its files."""
+    files = checkpoint_files(path, **hub_kwargs(kwargs))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no safetensors weights for its Engram adapters.")
+    backbone = find_backbone(model)
+    active = engram.get("active_adapter")
+    for name, entry in engram.get("adapters", {}).items():
+        adapter = load_adapter_weights(
+            EngramSpec.from_dict(entry["spec"]),
+            TensorSource(files, prefix=f"{MERGED_PREFIX}{name}."),
+            backbone,
+            fingerprint=entry.get("fingerprint"),
+            engram_offload=engram_offload,
+            engram_cache_rows=engram_cache_rows,
+            where=f" (adapter {name!r} in {path})",
+        )
+        attach_adapter(model, name, adapter, freeze_base=freeze_base, activate=name == active)
+    return model
