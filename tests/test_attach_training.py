@@ -43,7 +43,7 @@ def test_engram_alone_trains_with_the_rowwise_optimizer(tmp_path):
     engram_before = snapshot(model.engram)
     optimizer = build_optimizer(model, lr=1e-2)
     kinds = {g["name"]: g["kind"] for g in optimizer.param_groups}
-    assert kinds["engram_tables"] == "adam_rows"
+    assert kinds["engram_tables"] == "adagrad_rows"  # the default: row-wise Adagrad
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in model.engram.parameters()}, (
         "the optimizer holds exactly Engram's parameters (the base is frozen)"
     )
