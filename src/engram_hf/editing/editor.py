@@ -1,0 +1,655 @@
+"""Knowledge correction by editing Engram table rows.
+
+A fact's prompt addresses a known handful of rows: the rows its n-grams hash to at the positions
+that predict the target. ``EngramEditor.edit`` makes those rows (and nothing else) free
+parameters, optimises them until the model gives the target high probability, and writes them
+back as an ``EngramPatch``. Every other parameter keeps its exact bits, so a position whose
+n-grams, and whose earlier positions' n-grams, touch no edited row produces bit-identical logits;
+the contexts that *do* read an edited row are known exactly, and listed from a corpus index.
+
+Which rows: ``positions="target"`` (default) edits the rows read at the positions whose next
+token is a target token (the prompt's last position and the target's own positions);
+``"all"`` adds every prompt position. ``orders`` restricts the n-gram orders (e.g. ``(3,)``: only the
+longest, most specific n-grams: a smaller blast radius, less generalisation to paraphrases that
+share only shorter n-grams). Paraphrases given in a request add their own rows and are optimised too.
+
+Gate keys (``edit_keys=True``) also trains ``key_proj`` of the edited layers. The gate then opens
+more readily for the new rows, but ``key_proj`` is dense: every position of those layers changes,
+so the exact blast radius is lost. Off by default.
+
+Side effects are controlled where they can happen: locality prompts that read an edited row enter
+the objective as a KL term towards their pre-edit distribution (prompts that read none are left
+out, since they cannot change), and with a ``CorpusIndex`` and ``preserve=k`` up to ``k`` corpus
+contexts per edited row that hold a *different* n-gram (collateral, not the fact itself) are
+protected the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .patch import EngramPatch
+from .rows import (
+    EditInputError,
+    RowDecoder,
+    RowSet,
+    batch_ids,
+    check_engram_model,
+    encode,
+    model_device,
+    pad_canonical,
+    reachable,
+    reads,
+    token_strings,
+)
+
+
+@dataclass
+class EditRequest:
+    """Make ``prompt`` continue with ``target`` (include the target's leading space: ``" Paris"``).
+
+    ``paraphrases``: other prompts that should continue with the target too (optimised alongside).
+    ``locality``: prompts whose predictions must not change (constrained where they read an edited row).
+    ``true_target``: the current answer, if known: for CounterFact-style scores, p(target) > p(true).
+    """
+
+    prompt: str
+    target: str
+    paraphrases: list[str] = field(default_factory=list)
+    locality: list[str] = field(default_factory=list)
+    true_target: str | None = None
+
+    @classmethod
+    def coerce(cls, x) -> EditRequest:
+        if isinstance(x, EditRequest):
+            return x
+        if isinstance(x, dict):
+            unknown = set(x) - {"prompt", "target", "paraphrases", "locality", "true_target"}
+            if unknown:
+                raise EditInputError(f"Unknown edit request field(s) {sorted(unknown)}.")
+            if "prompt" not in x or "target" not in x:
+                raise EditInputError("An edit request needs a 'prompt' and a 'target'.")
+            return cls(**x)
+        if isinstance(x, (tuple, list)) and len(x) == 2:
+            return cls(*x)
+        raise EditInputError(f"An edit request is an EditRequest, a dict or a (prompt, target) pair, not {x!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Encoded:
+    request: EditRequest
+    prompt_ids: list[int]
+    target_ids: list[int]
+    paraphrase_ids: list[list[int]]
+    locality_ids: list[list[int]]
+    true_ids: list[int] | None
+
+    def sequences(self) -> list[tuple[list[int], int]]:
+        """(prompt + target ids, index of the first target token) for the prompt and each paraphrase."""
+        return [(p + self.target_ids, len(p)) for p in [self.prompt_ids, *self.paraphrase_ids]]
+
+
+@dataclass
+class RequestReport:
+    prompt: str
+    target: str
+    rows: dict[int, int]  # rows edited per layer for this request
+    ngrams: list[dict]  # the n-grams whose rows are edited
+    prob_before: float
+    prob_after: float
+    greedy_before: str
+    greedy_after: str
+    paraphrase_prob_before: list[float]
+    paraphrase_prob_after: list[float]
+    locality: list[dict]
+    corpus: dict | None = None  # exact blast radius on the corpus index, and colliding contexts
+
+    @property
+    def success(self) -> bool:
+        return self.greedy_after == self.target
+
+
+@dataclass
+class EditResult:
+    """What ``EngramEditor.edit`` did: the patch (applied unless ``apply=False``) and a report per request."""
+
+    patch: EngramPatch
+    requests: list[RequestReport]
+    steps: int
+    converged: bool
+    seconds: float
+    applied: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "converged": self.converged,
+            "seconds": self.seconds,
+            "applied": self.applied,
+            "patch": self.patch.summary(),
+            "requests": [asdict(r) for r in self.requests],
+        }
+
+    def report(self) -> str:
+        p = self.patch
+        lines = [
+            f"edited {p.num_rows} rows in layer(s) {sorted(p.rows)} in {self.steps} steps ({self.seconds:.1f} s)"
+            + ("" if self.converged else " - NOT CONVERGED: the target did not reach the probability asked for")
+            + ("" if self.applied else " (not applied)"),
+        ]
+        if p.dense_new:
+            lines.append(f"  also changed dense {sorted(p.dense_new)}: every position of those layers may change")
+        for r in self.requests:
+            lines.append(f"{r.prompt!r} -> {r.target!r}")
+            lines.append(f"  p(target) {r.prob_before:.4f} -> {r.prob_after:.4f}")
+            lines.append(f"  greedy    {r.greedy_before!r} -> {r.greedy_after!r}")
+            for i, (a, b) in enumerate(zip(r.paraphrase_prob_before, r.paraphrase_prob_after)):
+                lines.append(f"  paraphrase {i}: p(target) {a:.4f} -> {b:.4f}")
+            rows = ", ".join(f"layer {k}: {v}" for k, v in sorted(r.rows.items()))
+            lines.append(f"  rows: {rows}")
+            for g in r.ngrams:
+                lines.append(f"    layer {g['layer']} {g['order']}-gram {g['ngram']} row {g['row']}")
+            for loc in r.locality:
+                if loc["touched"]:
+                    lines.append(
+                        f"  locality {loc['prompt']!r}: reads an edited row; KL {loc['kl']:.2e}, "
+                        f"top-1 {'kept' if loc['top1_kept'] else 'CHANGED'}"
+                    )
+                else:
+                    same = "logits bit-identical" if loc["bit_identical"] else "LOGITS DIFFER (a bug: please report)"
+                    lines.append(f"  locality {loc['prompt']!r}: reads no edited row; {same}")
+            if r.corpus:
+                c = r.corpus
+                lines.append(
+                    f"  corpus: {c['positions_reading_edited_rows']} positions in {c['documents_touched']} of "
+                    f"{c['corpus_documents']} documents read an edited row; {c['positions_reachable']} of "
+                    f"{c['corpus_tokens']} positions can change "
+                    f"({100 * c['fraction_bit_identical']:.2f}% bit-identical)"
+                )
+                for ex in c.get("collisions", [])[:5]:
+                    lines.append(f"    collision: doc {ex['doc']} pos {ex['position']} {ex['snippet']!r}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.report()
+
+
+class _RowOverride:
+    """While active, every Engram lookup of the listed layers returns ``values`` for the listed rows
+    (differentiably) instead of the table's: a forward exactly as if the rows had been written."""
+
+    def __init__(self, model, rows: dict[int, torch.LongTensor], values: dict[int, torch.Tensor]):
+        self.engrams = model.engram_layers()
+        self.rows, self.values = rows, values
+
+    @contextlib.contextmanager
+    def active(self):
+        installed = []
+        try:
+            for layer, rows in self.rows.items():
+                engram = self.engrams[layer]
+                engram.lookup = self._lookup(engram, rows, self.values[layer])
+                installed.append(engram)
+            yield
+        finally:
+            for engram in installed:
+                del engram.lookup  # the instance attribute shadowed the class method
+
+    @staticmethod
+    def _lookup(engram, rows, values):
+        original = type(engram).lookup.__get__(engram)
+
+        def lookup(inputs):
+            e, hit_rows = original(inputs)
+            B, T, H = hit_rows.shape
+            sorted_rows = rows.to(hit_rows.device)
+            idx = torch.searchsorted(sorted_rows, hit_rows).clamp_max(sorted_rows.shape[0] - 1)
+            hit = sorted_rows[idx] == hit_rows
+            e = e.view(B, T, H, -1)
+            e = torch.where(hit[..., None], values.to(e.dtype)[idx], e.detach())
+            return e.flatten(-2), hit_rows
+
+        return lookup
+
+
+class EngramEditor:
+    """Edits facts by optimising the Engram rows their n-grams address (see the module docstring).
+
+    Settings: ``positions`` ("target" or "all"), ``orders`` (n-gram orders to edit, default all),
+    ``layers`` (Engram layers to edit, default all), ``edit_keys`` (also train ``key_proj``),
+    ``lr`` (Adam on the rows), ``max_steps``, ``target_prob`` (stop once every target token of every
+    prompt and paraphrase has at least this probability; 0.5 or more makes it the greedy choice),
+    ``locality_weight`` (KL towards the pre-edit predictions of locality prompts and preserved
+    contexts that read an edited row), ``corpus`` (a ``CorpusIndex``: reports the exact blast
+    radius), ``preserve`` (corpus contexts per edited row to protect), ``seed``.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        positions: str = "target",
+        orders=None,
+        layers=None,
+        edit_keys: bool = False,
+        lr: float = 0.05,
+        key_lr: float = 1e-3,
+        max_steps: int = 200,
+        target_prob: float = 0.9,
+        locality_weight: float = 1.0,
+        corpus=None,
+        preserve: int = 0,
+        preserve_window: int = 16,
+        seed: int = 0,
+        progress: bool = True,
+    ):
+        check_engram_model(model)
+        if positions not in ("target", "all"):
+            raise ValueError(f"positions must be 'target' or 'all', got {positions!r}.")
+        n = model.hash_contract.max_ngram_size
+        all_layers = sorted(model.engram_layers())
+        if orders is not None:
+            orders = tuple(sorted({int(o) for o in orders}))
+            bad = [o for o in orders if not 2 <= o <= n]
+            if bad or not orders:
+                raise ValueError(f"orders must be n-gram orders in 2..{n} (this model's Engram), got {list(orders)}.")
+        if layers is not None:
+            layers = tuple(sorted({int(x) for x in layers}))
+            bad = [x for x in layers if x not in all_layers]
+            if bad or not layers:
+                raise ValueError(f"layers must be Engram layers of this model ({all_layers}), got {list(layers)}.")
+        if not 0.0 < target_prob < 1.0:
+            raise ValueError(f"target_prob must be in (0, 1), got {target_prob}.")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
+        if preserve and corpus is None:
+            raise ValueError("preserve=k protects corpus contexts: pass corpus=CorpusIndex(...) too.")
+        if corpus is not None:
+            corpus.check_model(model)
+        self.model, self.tokenizer = model, tokenizer
+        self.positions, self.orders, self.layers = positions, orders, layers or tuple(all_layers)
+        self.edit_keys, self.lr, self.key_lr = edit_keys, lr, key_lr
+        self.max_steps, self.target_prob, self.locality_weight = max_steps, target_prob, locality_weight
+        self.corpus, self.preserve, self.preserve_window = corpus, preserve, preserve_window
+        self.seed, self.progress = seed, progress
+        self.decoder = RowDecoder(model)
+        self.history: list[EngramPatch] = []  # patches this editor applied, in order
+
+    # ------------------------------------------------------------------ requests → rows
+    def _encode(self, requests) -> list[_Encoded]:
+        if isinstance(requests, (EditRequest, dict)):
+            requests = [requests]
+        requests = [EditRequest.coerce(r) for r in (requests or [])]
+        if not requests:
+            raise EditInputError("No edit requests: give at least one (prompt, target).")
+        out = []
+        tok, m = self.tokenizer, self.model
+        for r in requests:
+            out.append(
+                _Encoded(
+                    r,
+                    encode(tok, r.prompt, m, "prompt"),
+                    encode(tok, r.target, m, "target", special_tokens=False),
+                    [encode(tok, p, m, "paraphrase") for p in r.paraphrases],
+                    [encode(tok, p, m, "locality prompt") for p in r.locality],
+                    encode(tok, r.true_target, m, "true target", special_tokens=False) if r.true_target else None,
+                )
+            )
+        return out
+
+    def _edit_positions(self, seq_len: int, first_target: int) -> list[int]:
+        start = 0 if self.positions == "all" else first_target - 1
+        return list(range(start, seq_len - 1))
+
+    def _request_rows(self, enc: _Encoded) -> tuple[RowSet, list[dict]]:
+        """The rows this request edits, and the n-grams they hold (for the report)."""
+        rows: dict[int, list[int]] = {}
+        grams, seen = [], set()
+        dev = model_device(self.model)
+        pad = pad_canonical(self.model)
+        for seq, first in enc.sequences():
+            ids = torch.tensor([seq], device=dev)
+            hit = self.model.engram_row_ids(ids)
+            strings = token_strings(self.tokenizer, seq)
+            canon = _canonical(self.model, seq)
+            for layer in self.layers:
+                r = hit[layer][0].cpu()
+                for t in self._edit_positions(len(seq), first):
+                    for head, row in enumerate(r[t].tolist()):
+                        order = self.decoder.order_of_head(head)
+                        if self.orders is not None and order not in self.orders:
+                            continue
+                        rows.setdefault(layer, []).append(row)
+                        if (layer, row) not in seen:
+                            seen.add((layer, row))
+                            span = range(t - order + 1, t + 1)
+                            gram = ["<start>" if p < 0 else strings[p] for p in span]
+                            cgram = [pad if p < 0 else canon[p] for p in span]
+                            grams.append(
+                                {
+                                    "layer": layer,
+                                    "order": order,
+                                    "head": head,
+                                    "row": row,
+                                    "ngram": gram,
+                                    "canonical": cgram,
+                                }
+                            )
+        rowset = RowSet({k: torch.tensor(v) for k, v in rows.items()})
+        if not rowset:
+            raise EditInputError(
+                f"The request {enc.request.prompt!r} -> {enc.request.target!r} hits no Engram row with "
+                f"layers={list(self.layers)}, orders={self.orders}: nothing to edit."
+            )
+        return rowset, grams
+
+    def plan(self, requests) -> dict:
+        """What ``edit(requests)`` would touch, without changing anything: rows and n-grams per request
+        and, with a corpus index, the exact blast radius."""
+        encoded = self._encode(requests)
+        out = []
+        for enc in encoded:
+            rowset, grams = self._request_rows(enc)
+            item = {"prompt": enc.request.prompt, "target": enc.request.target, "rows": len(rowset), "ngrams": grams}
+            if self.corpus is not None:
+                item["corpus"] = self.corpus.reach(rowset)
+            out.append(item)
+        return {"requests": out}
+
+    # ------------------------------------------------------------------ scoring
+    def _target_logprobs(self, logits, seqs, ids) -> list[torch.Tensor]:
+        logp = logits.float().log_softmax(-1)
+        out = []
+        for b, (seq, first) in enumerate(seqs):
+            pos = torch.arange(first - 1, len(seq) - 1, device=logp.device)
+            out.append(logp[b, pos, ids[b, pos + 1]])
+        return out
+
+    @torch.no_grad()
+    def _greedy(self, ids: list[int], n: int) -> list[int]:
+        dev = model_device(self.model)
+        x = torch.tensor([ids], device=dev)
+        for _ in range(n):
+            nxt = self.model(x, use_cache=False).logits[0, -1].argmax()
+            x = torch.cat([x, nxt.view(1, 1)], dim=1)
+        return x[0, len(ids) :].tolist()
+
+    @torch.no_grad()
+    def _probs(self, encoded: list[_Encoded]) -> list[list[float]]:
+        """p(target) (product over its tokens) for every request's prompt and paraphrases."""
+        seqs = [s for enc in encoded for s in enc.sequences()]
+        ids, mask = batch_ids([s for s, _ in seqs], self.tokenizer.pad_token_id or 0)
+        dev = model_device(self.model)
+        ids, mask = ids.to(dev), mask.to(dev)
+        lp = self._target_logprobs(self.model(ids, attention_mask=mask, use_cache=False).logits, seqs, ids)
+        probs = [float(x.sum().exp()) for x in lp]
+        out, i = [], 0
+        for enc in encoded:
+            k = 1 + len(enc.paraphrase_ids)
+            out.append(probs[i : i + k])
+            i += k
+        return out
+
+    # ------------------------------------------------------------------ editing
+    def edit(self, requests, apply: bool = True) -> EditResult:
+        """Edit the model so each request's prompt continues with its target; returns an ``EditResult``
+        whose ``patch`` is applied (unless ``apply=False``) and recorded in ``history``."""
+        started = time.perf_counter()
+        model, dev = self.model, model_device(self.model)
+        encoded = self._encode(requests)
+        per_request = [self._request_rows(enc) for enc in encoded]
+        rowset = RowSet()
+        for rs, _ in per_request:
+            rowset = rowset.union(rs)
+        engrams = model.engram_layers()
+        old = {layer: engrams[layer].read_rows(rows).to(dev) for layer, rows in rowset.rows.items()}
+        free = {layer: torch.nn.Parameter(v.float().clone()) for layer, v in old.items()}
+        rows_dev = {layer: r.to(dev) for layer, r in rowset.rows.items()}
+        override = _RowOverride(model, rows_dev, free)
+
+        key_params = {}
+        if self.edit_keys:
+            for layer in rowset.layers():
+                for p in engrams[layer].key_proj.parameters():
+                    key_params[_param_name(model, p)] = p
+        key_start = {n: p.detach().clone() for n, p in key_params.items()}
+
+        prob_before = self._probs(encoded)
+        locality_before = self._last_logprobs(encoded)
+        greedy_before = [self._greedy(enc.prompt_ids, len(enc.target_ids)) for enc in encoded]
+        constraints = self._constraints(encoded, rowset)
+
+        seqs = [s for enc in encoded for s in enc.sequences()]
+        owner = [i for i, enc in enumerate(encoded) for _ in enc.sequences()]
+        ids, mask = batch_ids([s for s, _ in seqs], self.tokenizer.pad_token_id or 0)
+        ids, mask = ids.to(dev), mask.to(dev)
+
+        requires = {n: p.requires_grad for n, p in model.named_parameters()}
+        groups = [{"params": list(free.values()), "lr": self.lr}]
+        if key_params:
+            groups.append({"params": list(key_params.values()), "lr": self.key_lr})
+        optimizer = torch.optim.Adam(groups)
+        torch.manual_seed(self.seed)
+        log_target = torch.log(torch.tensor(self.target_prob))
+        steps, converged = 0, False
+        was_training = model.training
+        model.eval()
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in key_params.values():
+                p.requires_grad_(True)
+            bar = tqdm(range(self.max_steps + 1), desc="editing rows", disable=not self.progress, mininterval=1.0)
+            for step in bar:
+                with override.active():
+                    logits = model(ids, attention_mask=mask, use_cache=False).logits
+                    lp = self._target_logprobs(logits, seqs, ids)
+                    if all(bool((x >= log_target).all()) for x in lp):
+                        converged = True
+                        break
+                    if step == self.max_steps:
+                        break
+                    per_req = [[] for _ in encoded]
+                    for o, x in zip(owner, lp):
+                        per_req[o].append(-x.mean())
+                    loss = torch.stack([torch.stack(x).mean() for x in per_req]).mean()
+                    kl = self._constraint_loss(constraints) if constraints else None
+                    total = loss + self.locality_weight * kl if kl is not None else loss
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                steps += 1
+                bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(requires[n])
+            with torch.no_grad():
+                key_new = {n: p.detach().clone() for n, p in key_params.items()}
+                for n, p in key_params.items():
+                    p.copy_(key_start[n])  # the patch writes them (or not) below, like the rows
+            model.train(was_training)
+
+        new_values = {layer: (rowset.rows[layer], free[layer].detach()) for layer in rowset.rows}
+        patch = EngramPatch.from_values(model, new_values, dense_new=key_new)
+        patch.apply(model)
+        prob_after = self._probs(encoded)
+        locality_after = self._last_logprobs(encoded)
+        greedy_after = [self._greedy(enc.prompt_ids, len(enc.target_ids)) for enc in encoded]
+        reports = []
+        for i, enc in enumerate(encoded):
+            rs, grams = per_request[i]
+            locality = self._locality_report(enc, patch.rowset(), locality_before[i], locality_after[i])
+            corpus = None
+            if self.corpus is not None:
+                corpus = self.corpus.reach(rs)
+                corpus["collisions"] = self._collisions(rs, grams)
+                if self.edit_keys:  # the gate keys are dense: every position of the corpus can change
+                    corpus.update(positions_reachable=corpus["corpus_tokens"], fraction_bit_identical=0.0)
+            reports.append(
+                RequestReport(
+                    prompt=enc.request.prompt,
+                    target=enc.request.target,
+                    rows={layer: int(r.numel()) for layer, r in rs.rows.items()},
+                    ngrams=grams,
+                    prob_before=prob_before[i][0],
+                    prob_after=prob_after[i][0],
+                    greedy_before=self.tokenizer.decode(greedy_before[i]),
+                    greedy_after=self.tokenizer.decode(greedy_after[i]),
+                    paraphrase_prob_before=prob_before[i][1:],
+                    paraphrase_prob_after=prob_after[i][1:],
+                    locality=locality,
+                    corpus=corpus,
+                )
+            )
+        patch.requests = [
+            {**enc.request.to_dict(), "prob_before": r.prob_before, "prob_after": r.prob_after}
+            for enc, r in zip(encoded, reports)
+        ]
+        patch.info = {
+            "steps": steps,
+            "converged": converged,
+            "settings": {
+                "positions": self.positions,
+                "orders": list(self.orders) if self.orders else None,
+                "layers": list(self.layers),
+                "edit_keys": self.edit_keys,
+                "lr": self.lr,
+                "target_prob": self.target_prob,
+                "locality_weight": self.locality_weight,
+                "preserve": self.preserve,
+            },
+        }
+        if apply:
+            self.history.append(patch)
+        else:
+            patch.revert(model)
+        return EditResult(patch, reports, steps, converged, time.perf_counter() - started, apply)
+
+    def undo(self) -> EngramPatch:
+        """Revert the last patch this editor applied (bit-identical to before it); returns it."""
+        if not self.history:
+            raise ValueError("Nothing to undo: this editor has applied no patch.")
+        patch = self.history[-1]
+        patch.revert(self.model)
+        self.history.pop()
+        return patch
+
+    def revert_all(self) -> None:
+        while self.history:
+            self.undo()
+
+    # ------------------------------------------------------------------ side effects
+    @torch.no_grad()
+    def _constraints(self, encoded: list[_Encoded], rowset: RowSet) -> list[dict]:
+        """Prompts that read an edited row and must keep their predictions: locality prompts, and
+        preserved corpus contexts. Each carries its pre-edit log-probs at the positions that can change."""
+        seqs = [ids for enc in encoded for ids in enc.locality_ids]
+        if self.preserve:
+            seqs += self._preserved_contexts(encoded, rowset)
+        if not seqs:
+            return []
+        ids, mask = batch_ids(seqs, self.tokenizer.pad_token_id or 0)
+        reach = reachable(reads(self.model, rowset, ids, mask)) & mask.bool()
+        keep = reach.any(-1)
+        if not bool(keep.any()):
+            return []
+        dev = model_device(self.model)
+        ids, mask, reach = ids[keep].to(dev), mask[keep].to(dev), reach[keep].to(dev)
+        ref = self.model(ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+        return [{"ids": ids, "mask": mask, "reach": reach, "ref": ref[reach]}]
+
+    def _constraint_loss(self, constraints: list[dict]) -> torch.Tensor:
+        losses = []
+        for c in constraints:
+            logp = self.model(c["ids"], attention_mask=c["mask"], use_cache=False).logits.float().log_softmax(-1)
+            losses.append(F.kl_div(logp[c["reach"]], c["ref"], log_target=True, reduction="batchmean"))
+        return torch.stack(losses).sum()
+
+    def _preserved_contexts(self, encoded: list[_Encoded], rowset: RowSet) -> list[list[int]]:
+        """Up to ``preserve`` corpus windows per edited row that read it through a different longest
+        n-gram than the request (collateral; a window holding the request's own n-grams is the fact)."""
+        index = self.corpus
+        n = self.model.hash_contract.max_ngram_size
+        own = set()
+        for enc in encoded:
+            for seq, first in enc.sequences():
+                canon = _canonical(self.model, seq)
+                for t in self._edit_positions(len(seq), first):
+                    own.add(tuple([index.pad_canonical] * max(0, n - 1 - t) + canon[max(0, t - n + 1) : t + 1]))
+        g = torch.Generator().manual_seed(self.seed)
+        windows = []
+        for layer, rows in rowset.rows.items():
+            for row in rows.tolist():
+                flat = index.positions(layer, row)
+                if flat.numel() == 0:
+                    continue
+                grams = index.ngrams(flat, n)
+                collateral = torch.tensor([tuple(x) not in own for x in grams.tolist()], dtype=torch.bool)
+                flat = flat[collateral]
+                if flat.numel() > self.preserve:
+                    flat = flat[torch.randperm(flat.numel(), generator=g)[: self.preserve]]
+                for f in flat.tolist():
+                    doc = int(torch.searchsorted(index.doc_start, torch.tensor([f]), right=True)[0]) - 1
+                    start = max(int(index.doc_start[doc]), f - self.preserve_window + 1)
+                    windows.append(index.ids[start : f + 1].tolist())
+        return windows
+
+    @torch.no_grad()
+    def _last_logprobs(self, encoded: list[_Encoded]) -> list[list[torch.Tensor]]:
+        """Full logits of every locality prompt (per request), to compare before and after."""
+        dev = model_device(self.model)
+        return [
+            [
+                self.model(torch.tensor([x], device=dev), use_cache=False).logits[0].float().cpu()
+                for x in enc.locality_ids
+            ]
+            for enc in encoded
+        ]
+
+    @torch.no_grad()
+    def _locality_report(self, enc: _Encoded, rowset: RowSet, before: list, after: list) -> list[dict]:
+        """Per locality prompt: does it read an edited row? If not its logits must be bit-identical
+        (checked); if so, the KL and whether its top-1 next token is kept, at the last position."""
+        out = []
+        for text, ids_list, b, a in zip(enc.request.locality, enc.locality_ids, before, after):
+            reach = reachable(reads(self.model, rowset, torch.tensor([ids_list])))[0]
+            touched = bool(reach.any()) or self.edit_keys  # dense key changes reach every position
+            item = {"prompt": text, "touched": touched, "bit_identical": bool(torch.equal(a, b))}
+            lb, la = b[-1].log_softmax(-1), a[-1].log_softmax(-1)
+            item["kl"] = float(F.kl_div(la, lb, log_target=True, reduction="sum"))
+            item["top1_kept"] = bool(la.argmax() == lb.argmax())
+            out.append(item)
+        return out
+
+    def _collisions(self, rowset: RowSet, grams: list[dict], limit: int = 20) -> list[dict]:
+        """Corpus contexts reading an edited row through a different n-gram (hash collisions)."""
+        out = []
+        for g in grams:
+            examples, _, _ = self.corpus.contexts(g["layer"], g["row"], g["canonical"], limit=3)
+            out.extend(asdict(e) for e in examples if not e.same_ngram)
+            if len(out) >= limit:
+                break
+        return out[:limit]
+
+
+def _param_name(model, param) -> str:
+    for name, p in model.named_parameters():
+        if p is param:
+            return name
+    raise KeyError("parameter not found in the model")
+
+
+def _canonical(model, seq: list[int]) -> list[int]:
+    from .rows import canonical_ids
+
+    return canonical_ids(model, torch.tensor([seq], device=model_device(model)))[0].tolist()
