@@ -131,8 +131,11 @@ class FactWorld:
     """
 
     def __init__(self, n_subjects: int = 40, n_languages: int = 8, n_currencies: int = 8, seed: int = 0):
-        if n_subjects < 2:
-            raise ValueError(f"A fact world needs at least 2 subjects, got {n_subjects}.")
+        if n_subjects < 2 or not 2 <= n_languages <= n_subjects or not 2 <= n_currencies <= n_subjects:
+            raise ValueError(
+                f"A fact world needs at least 2 subjects and 2..n_subjects languages and currencies, got "
+                f"{n_subjects} subjects, {n_languages} languages, {n_currencies} currencies."
+            )
         rng = random.Random(seed)
         seen: set[str] = set()
 
@@ -147,11 +150,16 @@ class FactWorld:
         capitals = [fresh(2) for _ in range(n_subjects)]
         languages = [fresh(2, "ish") for _ in range(n_languages)]
         currencies = [fresh(1).lower() for _ in range(n_currencies)]
+        # Shared objects are dealt out evenly, then shuffled: each is the true object of several subjects.
+        language_of = [languages[i % n_languages] for i in range(n_subjects)]
+        currency_of = [currencies[i % n_currencies] for i in range(n_subjects)]
+        rng.shuffle(language_of)
+        rng.shuffle(currency_of)
         self.facts: list[Fact] = []
         for i, s in enumerate(self.subjects):
             self.facts.append(Fact(s, "capital", capitals[i]))
-            self.facts.append(Fact(s, "language", languages[i % n_languages]))
-            self.facts.append(Fact(s, "currency", currencies[(i * 3 + 1) % n_currencies]))
+            self.facts.append(Fact(s, "language", language_of[i]))
+            self.facts.append(Fact(s, "currency", currency_of[i]))
         self.seed = seed
 
     def objects(self, relation: str) -> list[str]:
