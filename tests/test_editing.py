@@ -487,6 +487,29 @@ def test_orders_restrict_rows_and_blast_radius(facts):
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # planning changes nothing
 
 
+def test_preserve_protects_other_readers_of_the_edited_rows(facts):
+    """Other facts of the subject read the same rows ("of X is" ends the capital, language and
+    currency prompts alike). With a corpus index, preserve=k keeps their predictions closer."""
+    world, path, tokenizer, corpus = facts
+    case = next(c for c in world.counterfactuals(seed=4) if c.fact.relation == "language")
+    sibling = world.prompt(world.fact(case.fact.subject, "capital"))
+    ids = tokenizer(sibling, return_tensors="pt").input_ids
+    drift = {}
+    for preserve in (0, 16):
+        model = _load(path)
+        with torch.no_grad():
+            before = model(ids).logits[0, -1].log_softmax(-1)
+        index = CorpusIndex(model, tokenizer, corpus, progress=False) if preserve else None
+        editor = EngramEditor(model, tokenizer, corpus=index, preserve=preserve, progress=False)
+        result = editor.edit(EditRequest(case.prompt, case.target))
+        assert result.requests[0].success
+        assert bool(reads(model, result.patch.rowset(), ids).any())  # the sibling reads edited rows
+        with torch.no_grad():
+            after = model(ids).logits[0, -1].log_softmax(-1)
+        drift[preserve] = float(torch.nn.functional.kl_div(after, before, log_target=True, reduction="sum"))
+    assert drift[16] < drift[0], drift
+
+
 def _word_tokenizer(words):
     vocab = {"[UNK]": 0, "[PAD]": 1}
     for w in words:

@@ -329,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--true-target", help="the current answer, for p(new) > p(true) scores")
     ed.add_argument("--requests", help="a .jsonl file of requests {prompt, target, paraphrases, locality, true_target}")
     ed.add_argument("--out", help="write the patch here (.safetensors)")
-    ed.add_argument("--positions", choices=["target", "all"], default="target", help="which positions' rows to edit")
+    ed.add_argument(
+        "--positions", choices=["needed", "target", "all"], default="needed", help="which positions' rows to edit"
+    )
     ed.add_argument("--orders", type=int, nargs="+", help="n-gram orders to edit (default all)")
     ed.add_argument("--steps", type=int, default=200, help="most optimisation steps")
     ed.add_argument("--target-prob", type=float, default=0.9, help="stop once every target token has this probability")

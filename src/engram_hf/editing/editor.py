@@ -7,8 +7,10 @@ back as an ``EngramPatch``. Every other parameter keeps its exact bits, so a pos
 n-grams, and whose earlier positions' n-grams, touch no edited row produces bit-identical logits;
 the contexts that *do* read an edited row are known exactly, and listed from a corpus index.
 
-Which rows: ``positions="target"`` (default) edits the rows read at the positions whose next
-token is a target token (the prompt's last position and the target's own positions);
+Which rows: ``positions="needed"`` (default) edits the rows read at the prompt's last position and
+at the target positions whose next target token the model does not already predict with
+``target_prob`` (after " Toul", "indish" usually is: those rows, shared by every context that
+continues " Toul", stay untouched); ``"target"`` takes every position that predicts a target token;
 ``"all"`` adds every prompt position. ``orders`` restricts the n-gram orders (e.g. ``(3,)``: only the
 longest, most specific n-grams: a smaller blast radius, less generalisation to paraphrases that
 share only shorter n-grams). Paraphrases given in a request add their own rows and are optimised too.
@@ -111,11 +113,8 @@ class RequestReport:
     paraphrase_prob_before: list[float]
     paraphrase_prob_after: list[float]
     locality: list[dict]
+    success: bool  # the target is the greedy completion after the edit
     corpus: dict | None = None  # exact blast radius on the corpus index, and colliding contexts
-
-    @property
-    def success(self) -> bool:
-        return self.greedy_after == self.target
 
 
 @dataclass
@@ -224,13 +223,15 @@ class _RowOverride:
 class EngramEditor:
     """Edits facts by optimising the Engram rows their n-grams address (see the module docstring).
 
-    Settings: ``positions`` ("target" or "all"), ``orders`` (n-gram orders to edit, default all),
+    Settings: ``positions`` ("needed", "target" or "all"), ``orders`` (n-gram orders to edit, default all),
     ``layers`` (Engram layers to edit, default all), ``edit_keys`` (also train ``key_proj``),
     ``lr`` (Adam on the rows), ``max_steps``, ``target_prob`` (stop once every target token of every
     prompt and paraphrase has at least this probability; 0.5 or more makes it the greedy choice),
     ``locality_weight`` (KL towards the pre-edit predictions of locality prompts and preserved
     contexts that read an edited row), ``corpus`` (a ``CorpusIndex``: reports the exact blast
-    radius), ``preserve`` (corpus contexts per edited row to protect), ``seed``.
+    radius), ``preserve`` (corpus contexts per edited row to protect), ``settle_steps`` (once the
+    targets are met, further steps that may lower the KL of protected contexts; the best state that
+    still meets every target is kept), ``seed``.
     """
 
     def __init__(
@@ -238,7 +239,7 @@ class EngramEditor:
         model,
         tokenizer,
         *,
-        positions: str = "target",
+        positions: str = "needed",
         orders=None,
         layers=None,
         edit_keys: bool = False,
@@ -250,12 +251,13 @@ class EngramEditor:
         corpus=None,
         preserve: int = 0,
         preserve_window: int = 16,
+        settle_steps: int = 10,
         seed: int = 0,
         progress: bool = True,
     ):
         check_engram_model(model)
-        if positions not in ("target", "all"):
-            raise ValueError(f"positions must be 'target' or 'all', got {positions!r}.")
+        if positions not in ("needed", "target", "all"):
+            raise ValueError(f"positions must be 'needed', 'target' or 'all', got {positions!r}.")
         n = model.hash_contract.max_ngram_size
         all_layers = sorted(model.engram_layers())
         if orders is not None:
@@ -281,9 +283,11 @@ class EngramEditor:
         self.edit_keys, self.lr, self.key_lr = edit_keys, lr, key_lr
         self.max_steps, self.target_prob, self.locality_weight = max_steps, target_prob, locality_weight
         self.corpus, self.preserve, self.preserve_window = corpus, preserve, preserve_window
+        self.settle_steps = settle_steps
         self.seed, self.progress = seed, progress
         self.decoder = RowDecoder(model)
         self.history: list[EngramPatch] = []  # patches this editor applied, in order
+        self._needed: dict[tuple, list[int]] = {}  # "needed" positions per sequence, for one edit
 
     # ------------------------------------------------------------------ requests → rows
     def _encode(self, requests) -> list[_Encoded]:
@@ -307,9 +311,22 @@ class EngramEditor:
             )
         return out
 
-    def _edit_positions(self, seq_len: int, first_target: int) -> list[int]:
-        start = 0 if self.positions == "all" else first_target - 1
-        return list(range(start, seq_len - 1))
+    @torch.no_grad()
+    def _edit_positions(self, seq: list[int], first_target: int) -> list[int]:
+        """Positions whose rows are edited, in ``seq`` = prompt + target (``first_target`` = its index)."""
+        if self.positions == "all":
+            return list(range(0, len(seq) - 1))
+        predicting = list(range(first_target - 1, len(seq) - 1))
+        if self.positions == "target":
+            return predicting
+        # "needed": the prompt's last position, and the target positions whose next target token
+        # the model does not already give target_prob (e.g. "indish" after " Toul" usually is).
+        key = tuple(seq)
+        if key not in self._needed:
+            logits = self.model(torch.tensor([seq], device=model_device(self.model)), use_cache=False).logits[0]
+            probs = logits.float().softmax(-1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].cpu()
+            self._needed[key] = [predicting[0]] + [t for t in predicting[1:] if float(probs[t]) < self.target_prob]
+        return self._needed[key]
 
     def _request_rows(self, enc: _Encoded) -> tuple[RowSet, list[dict]]:
         """The rows this request edits, and the n-grams they hold (for the report)."""
@@ -324,7 +341,7 @@ class EngramEditor:
             canon = _canonical(self.model, seq)
             for layer in self.layers:
                 r = hit[layer][0].cpu()
-                for t in self._edit_positions(len(seq), first):
+                for t in self._edit_positions(seq, first):
                     for head, row in enumerate(r[t].tolist()):
                         order = self.decoder.order_of_head(head)
                         if self.orders is not None and order not in self.orders:
@@ -356,6 +373,7 @@ class EngramEditor:
     def plan(self, requests) -> dict:
         """What ``edit(requests)`` would touch, without changing anything: rows and n-grams per request
         and, with a corpus index, the exact blast radius."""
+        self._needed = {}
         encoded = self._encode(requests)
         out = []
         for enc in encoded:
@@ -406,6 +424,7 @@ class EngramEditor:
         whose ``patch`` is applied (unless ``apply=False``) and recorded in ``history``."""
         started = time.perf_counter()
         model, dev = self.model, model_device(self.model)
+        self._needed = {}
         encoded = self._encode(requests)
         per_request = [self._request_rows(enc) for enc in encoded]
         rowset = RowSet()
@@ -450,26 +469,40 @@ class EngramEditor:
             for p in key_params.values():
                 p.requires_grad_(True)
             bar = tqdm(range(self.max_steps + 1), desc="editing rows", disable=not self.progress, mininterval=1.0)
+            best = None  # (KL, snapshot) of the best state that meets every target, while settling
+            settled = 0
             for step in bar:
                 with override.active():
                     logits = model(ids, attention_mask=mask, use_cache=False).logits
                     lp = self._target_logprobs(logits, seqs, ids)
+                    kl = self._constraint_loss(constraints) if constraints else None
                     if all(bool((x >= log_target).all()) for x in lp):
                         converged = True
-                        break
+                        if kl is None:
+                            break
+                        # Targets met: keep going a few steps to pull the protected contexts back,
+                        # and keep the state with the smallest KL that still meets the targets.
+                        if best is None or float(kl) < best[0]:
+                            best = (float(kl), [p.detach().clone() for p in self._free_params(free, key_params)])
+                        settled += 1
+                        if settled > self.settle_steps:
+                            break
                     if step == self.max_steps:
                         break
                     per_req = [[] for _ in encoded]
                     for o, x in zip(owner, lp):
                         per_req[o].append(-x.mean())
                     loss = torch.stack([torch.stack(x).mean() for x in per_req]).mean()
-                    kl = self._constraint_loss(constraints) if constraints else None
                     total = loss + self.locality_weight * kl if kl is not None else loss
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 optimizer.step()
                 steps += 1
                 bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
+            if best is not None:
+                with torch.no_grad():
+                    for p, v in zip(self._free_params(free, key_params), best[1]):
+                        p.copy_(v)
         finally:
             for n, p in model.named_parameters():
                 p.requires_grad_(requires[n])
@@ -508,6 +541,7 @@ class EngramEditor:
                     paraphrase_prob_before=prob_before[i][1:],
                     paraphrase_prob_after=prob_after[i][1:],
                     locality=locality,
+                    success=greedy_after[i] == enc.target_ids,
                     corpus=corpus,
                 )
             )
@@ -534,6 +568,10 @@ class EngramEditor:
         else:
             patch.revert(model)
         return EditResult(patch, reports, steps, converged, time.perf_counter() - started, apply)
+
+    @staticmethod
+    def _free_params(free: dict, key_params: dict) -> list[torch.Tensor]:
+        return [*free.values(), *key_params.values()]
 
     def undo(self) -> EngramPatch:
         """Revert the last patch this editor applied (bit-identical to before it); returns it."""
@@ -575,17 +613,28 @@ class EngramEditor:
             losses.append(F.kl_div(logp[c["reach"]], c["ref"], log_target=True, reduction="batchmean"))
         return torch.stack(losses).sum()
 
+    @torch.no_grad()
     def _preserved_contexts(self, encoded: list[_Encoded], rowset: RowSet) -> list[list[int]]:
-        """Up to ``preserve`` corpus windows per edited row that read it through a different longest
-        n-gram than the request (collateral; a window holding the request's own n-grams is the fact)."""
+        """Up to ``preserve`` corpus windows per edited row, ending at a position that reads the row.
+
+        A context is *the fact being edited*, and left free to change, when its longest n-gram is one
+        of the request's at an edited position and the corpus continues it with the token the model
+        predicted there before the edit while the edit wants another (e.g. "...capital of X is" +
+        the old capital). Every other reader of the row is collateral and protected: a hash
+        collision, or the same n-gram in another fact ("The language of X is" shares "of X is").
+        """
         index = self.corpus
         n = self.model.hash_contract.max_ngram_size
-        own = set()
+        dev = model_device(self.model)
+        fact = set()  # (longest canonical n-gram, old next token) of each edited position
         for enc in encoded:
             for seq, first in enc.sequences():
                 canon = _canonical(self.model, seq)
-                for t in self._edit_positions(len(seq), first):
-                    own.add(tuple([index.pad_canonical] * max(0, n - 1 - t) + canon[max(0, t - n + 1) : t + 1]))
+                old = self.model(torch.tensor([seq], device=dev), use_cache=False).logits[0].argmax(-1).tolist()
+                for t in self._edit_positions(seq, first):
+                    if old[t] != seq[t + 1]:
+                        gram = [index.pad_canonical] * max(0, n - 1 - t) + canon[max(0, t - n + 1) : t + 1]
+                        fact.add((tuple(gram), old[t]))
         g = torch.Generator().manual_seed(self.seed)
         windows = []
         for layer, rows in rowset.rows.items():
@@ -593,14 +642,17 @@ class EngramEditor:
                 flat = index.positions(layer, row)
                 if flat.numel() == 0:
                     continue
-                grams = index.ngrams(flat, n)
-                collateral = torch.tensor([tuple(x) not in own for x in grams.tolist()], dtype=torch.bool)
-                flat = flat[collateral]
+                grams = index.ngrams(flat, n).tolist()
+                doc = torch.searchsorted(index.doc_start, flat, right=True) - 1
+                inside = flat + 1 < index.doc_start[doc + 1]
+                nxt = torch.where(inside, index.ids[(flat + 1).clamp_max(index.n_tokens - 1)], -1).tolist()
+                collateral = torch.tensor([(tuple(gr), nx) not in fact for gr, nx in zip(grams, nxt)], dtype=torch.bool)
+                flat, doc = flat[collateral], doc[collateral]
                 if flat.numel() > self.preserve:
-                    flat = flat[torch.randperm(flat.numel(), generator=g)[: self.preserve]]
-                for f in flat.tolist():
-                    doc = int(torch.searchsorted(index.doc_start, torch.tensor([f]), right=True)[0]) - 1
-                    start = max(int(index.doc_start[doc]), f - self.preserve_window + 1)
+                    pick = torch.randperm(flat.numel(), generator=g)[: self.preserve]
+                    flat, doc = flat[pick], doc[pick]
+                for f, d in zip(flat.tolist(), doc.tolist()):
+                    start = max(int(index.doc_start[d]), f - self.preserve_window + 1)
                     windows.append(index.ids[start : f + 1].tolist())
         return windows
 
