@@ -16,7 +16,8 @@ Every method stops at the same criterion (each target token at probability >= 0.
 beats the true one, p(new) > p(true), CounterFact's "efficacy score"; and is the greedy
 completion), generalisation (held-out paraphrases: ``near`` ones end like the prompt and share its
 last n-grams, ``far`` ones do not), specificity (neighbour subjects with the same true object keep
-p(true) > p(new)), the share of corpus positions whose logits stayed bit-identical, top-1
+p(true) > p(new), CounterFact's neighbourhood score; and still give their own object as the greedy
+completion), the share of corpus positions whose logits stayed bit-identical, top-1
 agreement on a held-out text and its NLL (fluency).
 
     python benchmarks/bench_edit.py --json benchmarks/results_edit_cpu.json --plot benchmarks/edit_sequential.png
@@ -116,6 +117,7 @@ def metrics(model, scorer, cases, heldout_ids, heldout_ref, corpus_ids, corpus_r
         "generalisation_near": mean([a > b for a, b in zip(nn_, nt)]),
         "generalisation_far": mean([a > b for a, b in zip(fn, ft)]),
         "specificity": mean([a > b for a, b in zip(kt, kn)]),
+        "specificity_top1": mean(scorer.greedy_ok(model, [(p, a) for p, a, _ in neigh])),
         "heldout_nll": nll,
         "heldout_top1_agreement": top1,
         "heldout_bit_identical": heldout_same,

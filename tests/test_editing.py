@@ -264,6 +264,24 @@ def test_batch_sequential_stack_and_revert_order(facts, tmp_path):
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
 
+def test_later_edits_keep_earlier_ones_that_share_rows(facts):
+    """Two relations of one subject end in the same n-grams ("of X is"): the second edit changes rows
+    the first one wrote, and keeps the first in its objective."""
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    subject = world.subjects[1]
+    cases = {c.fact.relation: c for c in world.counterfactuals(seed=6) if c.fact.subject == subject}
+    first, second = cases["language"], cases["capital"]
+    editor = EngramEditor(model, tokenizer, progress=False)
+    editor.edit(EditRequest(first.prompt, first.target))
+    result = editor.edit(EditRequest(second.prompt, second.target))
+    assert set(result.patch.rows[0].tolist()) & set(editor.history[0].rows[0].tolist())  # shared rows
+    assert result.kept_previous >= 1
+    for c in (first, second):
+        n = len(_target_ids(tokenizer, c.target))
+        assert _greedy(model, tokenizer, c.prompt, n) == _target_ids(tokenizer, c.target)
+
+
 def test_patch_file_roundtrip_and_refusals(facts, tmp_path):
     world, path, tokenizer, _ = facts
     model = _load(path)
@@ -284,6 +302,11 @@ def test_patch_file_roundtrip_and_refusals(facts, tmp_path):
         assert torch.equal(fresh(ids).logits, model(ids).logits)
     with pytest.raises(PatchMismatchError, match="do not hold the patch's old values"):
         loaded.apply(fresh)  # already applied
+    # A patched resident model saves as a normal checkpoint.
+    fresh.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(_load(tmp_path / "saved")(ids).logits, model(ids).logits)
+    assert loaded.state(_load(tmp_path / "saved")) == "applied"
 
     # Another compression table: two token ids swap their canonical ids.
     other = _load(path)

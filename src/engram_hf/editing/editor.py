@@ -29,6 +29,7 @@ protected the same way.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -127,9 +128,11 @@ class EditResult:
     converged: bool
     seconds: float
     applied: bool
+    kept_previous: int = 0  # earlier edits sharing rows with this one, kept in the objective
 
     def to_dict(self) -> dict:
         return {
+            "kept_previous": self.kept_previous,
             "steps": self.steps,
             "converged": self.converged,
             "seconds": self.seconds,
@@ -147,6 +150,8 @@ class EditResult:
         ]
         if p.dense_new:
             lines.append(f"  also changed dense {sorted(p.dense_new)}: every position of those layers may change")
+        if self.kept_previous:
+            lines.append(f"  kept {self.kept_previous} earlier edit(s) that read rows this edit changes")
         for r in self.requests:
             lines.append(f"{r.prompt!r} -> {r.target!r}")
             lines.append(f"  p(target) {r.prob_before:.4f} -> {r.prob_after:.4f}")
@@ -231,7 +236,8 @@ class EngramEditor:
     contexts that read an edited row), ``corpus`` (a ``CorpusIndex``: reports the exact blast
     radius), ``preserve`` (corpus contexts per edited row to protect), ``settle_steps`` (once the
     targets are met, further steps that may lower the KL of protected contexts; the best state that
-    still meets every target is kept), ``seed``.
+    still meets every target is kept), ``keep_previous`` (earlier edits of this editor whose prompts
+    read a row this edit changes stay in the objective, so a later edit cannot undo them), ``seed``.
     """
 
     def __init__(
@@ -252,6 +258,7 @@ class EngramEditor:
         preserve: int = 0,
         preserve_window: int = 16,
         settle_steps: int = 10,
+        keep_previous: bool = True,
         seed: int = 0,
         progress: bool = True,
     ):
@@ -283,10 +290,11 @@ class EngramEditor:
         self.edit_keys, self.lr, self.key_lr = edit_keys, lr, key_lr
         self.max_steps, self.target_prob, self.locality_weight = max_steps, target_prob, locality_weight
         self.corpus, self.preserve, self.preserve_window = corpus, preserve, preserve_window
-        self.settle_steps = settle_steps
+        self.settle_steps, self.keep_previous = settle_steps, keep_previous
         self.seed, self.progress = seed, progress
         self.decoder = RowDecoder(model)
         self.history: list[EngramPatch] = []  # patches this editor applied, in order
+        self._history_seqs: list[list[tuple[list[int], int]]] = []  # each applied edit's (ids, first target)
         self._needed: dict[tuple, list[int]] = {}  # "needed" positions per sequence, for one edit
 
     # ------------------------------------------------------------------ requests → rows
@@ -447,9 +455,11 @@ class EngramEditor:
         locality_before = self._last_logprobs(encoded)
         greedy_before = [self._greedy(enc.prompt_ids, len(enc.target_ids)) for enc in encoded]
         constraints = self._constraints(encoded, rowset)
+        kept = self._previous_to_keep(encoded, rowset) if self.keep_previous else []
 
-        seqs = [s for enc in encoded for s in enc.sequences()]
+        seqs = [s for enc in encoded for s in enc.sequences()] + kept
         owner = [i for i, enc in enumerate(encoded) for _ in enc.sequences()]
+        owner += list(range(len(encoded), len(encoded) + len(kept)))
         ids, mask = batch_ids([s for s, _ in seqs], self.tokenizer.pad_token_id or 0)
         ids, mask = ids.to(dev), mask.to(dev)
 
@@ -489,7 +499,7 @@ class EngramEditor:
                             break
                     if step == self.max_steps:
                         break
-                    per_req = [[] for _ in encoded]
+                    per_req = [[] for _ in range(len(encoded) + len(kept))]
                     for o, x in zip(owner, lp):
                         per_req[o].append(-x.mean())
                     loss = torch.stack([torch.stack(x).mean() for x in per_req]).mean()
@@ -563,11 +573,13 @@ class EngramEditor:
                 "preserve": self.preserve,
             },
         }
+        patch.info["kept_previous"] = len(kept)
         if apply:
             self.history.append(patch)
+            self._history_seqs.append([s for enc in encoded for s in enc.sequences()])
         else:
             patch.revert(model)
-        return EditResult(patch, reports, steps, converged, time.perf_counter() - started, apply)
+        return EditResult(patch, reports, steps, converged, time.perf_counter() - started, apply, len(kept))
 
     @staticmethod
     def _free_params(free: dict, key_params: dict) -> list[torch.Tensor]:
@@ -580,11 +592,33 @@ class EngramEditor:
         patch = self.history[-1]
         patch.revert(self.model)
         self.history.pop()
+        self._history_seqs.pop()
         return patch
 
     def revert_all(self) -> None:
         while self.history:
             self.undo()
+
+    @torch.no_grad()
+    def _previous_to_keep(self, encoded: list[_Encoded], rowset: RowSet) -> list[tuple[list[int], int]]:
+        """Sequences of this editor's earlier edits that read a row this edit changes and still give
+        their target: they join the objective, so this edit keeps them. An earlier edit of the same
+        prompt is superseded, not kept."""
+        new_prompts = {tuple(s[:first]) for enc in encoded for s, first in enc.sequences()}
+        previous = [sf for seqs in self._history_seqs for sf in seqs if tuple(sf[0][: sf[1]]) not in new_prompts]
+        if not previous:
+            return []
+        ids, mask = batch_ids([s for s, _ in previous], self.tokenizer.pad_token_id or 0)
+        touched = reads(self.model, rowset, ids, mask).any(-1)
+        candidates = [sf for sf, t in zip(previous, touched.tolist()) if t]
+        if not candidates:
+            return []
+        dev = model_device(self.model)
+        ids, mask = batch_ids([s for s, _ in candidates], self.tokenizer.pad_token_id or 0)
+        ids, mask = ids.to(dev), mask.to(dev)
+        lp = self._target_logprobs(self.model(ids, attention_mask=mask, use_cache=False).logits, candidates, ids)
+        floor = math.log(self.target_prob)
+        return [sf for sf, x in zip(candidates, lp) if bool((x >= floor).all())]
 
     # ------------------------------------------------------------------ side effects
     @torch.no_grad()
