@@ -4,10 +4,12 @@ A small EngramMoE learns a synthetic world of invented facts (``engram_hf.editin
 into Shakespeare. Then 100+ CounterFact-style counterfactuals are applied one after another, by
 each method on its own copy of the model:
 
-* ``rows``: ``EngramEditor`` (only the Engram rows the prompt's n-grams address);
-* ``rows-3gram``: the same, restricted to the longest (3-gram) rows: smaller blast radius;
-* ``rows+preserve``: rows, with a ``CorpusIndex`` of the training text protecting up to
-  ``--preserve`` other contexts per edited row (a KL term towards their current predictions);
+* ``rows``: ``EngramEditor`` given the subject (as CounterFact gives it): only the rows of the
+  subject's own n-grams, plus target positions the model cannot continue yet;
+* ``rows-no-subject``: ``EngramEditor`` without a subject: the rows of the n-grams ending at the
+  prompt's last position (the n-grams the prediction is made from);
+* ``rows+preserve``: ``rows`` with a ``CorpusIndex`` of the training text protecting up to
+  ``--preserve`` other readers of each edited row (a KL term towards their current predictions);
 * ``ft-full``: fine-tuning every parameter on the request (what a user would otherwise reach for);
 * ``ft-ffn``: fine-tuning only the FFN/MoE weights of the Engram layers (ROME/MEMIT's locus).
 
@@ -159,8 +161,8 @@ def main():
     ap.add_argument("--target-prob", type=float, default=0.9)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--heldout-chars", type=int, default=3000)
-    ap.add_argument("--methods", default="rows,rows-3gram,rows+preserve,ft-full,ft-ffn")
-    ap.add_argument("--preserve", type=int, default=8)
+    ap.add_argument("--methods", default="rows,rows-no-subject,rows+preserve,ft-full,ft-ffn")
+    ap.add_argument("--preserve", type=int, default=4)
     ap.add_argument("--checkpoints", default="1,10,25,50,75,100,120")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -183,6 +185,11 @@ def main():
     candidates = world.counterfactuals(seed=args.seed)
     known = scorer.greedy_ok(model, [(c.prompt, c.true_target) for c in candidates])
     cases = [c for c, k in zip(candidates, known) if k][: args.edits]
+    # Neighbours are facts nobody edits in this run: a neighbour that is itself edited later would
+    # be expected to change.
+    edited = {c.prompt for c in cases}
+    for c in cases:
+        c.neighbours = [(p, a) for p, a in c.neighbours if p not in edited]
     print(f"model knows {sum(known)} of {len(known)} facts; editing {len(cases)} of them")
     checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if int(x) <= len(cases)} | {len(cases)})
 
@@ -206,9 +213,7 @@ def main():
         editor = None
         if method.startswith("rows"):
             extra = {}
-            if method == "rows-3gram":
-                extra = dict(orders=(3,))
-            elif method == "rows+preserve":
+            if method == "rows+preserve":
                 extra = dict(corpus=CorpusIndex(m, tok, world.corpus(filler), progress=False), preserve=args.preserve)
             editor = EngramEditor(
                 m, tok, max_steps=args.max_steps, target_prob=args.target_prob, progress=False, **extra
@@ -216,7 +221,8 @@ def main():
         for k, case in enumerate(tqdm(cases, desc=method), 1):
             t = time.perf_counter()
             if editor is not None:
-                res = editor.edit(EditRequest(case.prompt, case.target))
+                subject = None if method == "rows-no-subject" else case.fact.subject
+                res = editor.edit(EditRequest(case.prompt, case.target, subject=subject))
                 steps.append(res.steps)
                 rows += res.patch.num_rows
             else:

@@ -264,6 +264,40 @@ def test_batch_sequential_stack_and_revert_order(facts, tmp_path):
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
 
+def test_subject_edits_go_through_the_subjects_own_rows(facts):
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    case = _case(world, tokenizer, model)
+    enc = tokenizer(case.prompt, return_offsets_mapping=True)
+    start = case.prompt.rfind(case.fact.subject)
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < start + len(case.fact.subject)]
+    subject_tokens = [tokenizer.decode([enc["input_ids"][i]]) for i in inside]
+    request = EditRequest(case.prompt, case.target, subject=case.fact.subject)
+    editor = EngramEditor(model, tokenizer, positions="subject", progress=False)
+    result = editor.edit(request, apply=False)
+    report = result.requests[0]
+    assert report.prob_after > 10 * report.prob_before  # the subject's rows alone move the answer
+    at_subject = [g for g in report.ngrams if g["at"] == "subject"]
+    assert at_subject
+    for g in at_subject:
+        if len(inside) > 1:  # n-grams lying inside the subject's tokens
+            assert all(t in subject_tokens for t in g["ngram"])
+        else:  # a one-token subject: the n-grams ending on it
+            assert g["ngram"][-1] == subject_tokens[0]
+    # The rows the last prompt position reads stay as they were.
+    ids = tokenizer(case.prompt, return_tensors="pt").input_ids
+    for layer, rows in model.engram_row_ids(ids).items():
+        assert not result.patch.rowset().contains(layer, rows[0, -1]).any()
+    # The default ("auto") widens to the last position's rows only if the subject's are not enough.
+    auto = EngramEditor(model, tokenizer, progress=False).edit(request)
+    assert auto.requests[0].success and auto.converged
+    assert auto.widened == (not result.converged)
+    with pytest.raises(EditInputError, match="does not occur in the prompt"):
+        editor.edit(EditRequest(case.prompt, case.target, subject="Atlantis"))
+    with pytest.raises(EditInputError, match="does not occur in the paraphrase"):
+        editor.edit(EditRequest(case.prompt, case.target, paraphrases=["Nobody knows"], subject=case.fact.subject))
+
+
 def test_later_edits_keep_earlier_ones_that_share_rows(facts):
     """Two relations of one subject end in the same n-grams ("of X is"): the second edit changes rows
     the first one wrote, and keeps the first in its objective."""
@@ -588,7 +622,9 @@ def test_cli_locate_edit_and_patch_commands(facts, tmp_path, capsys):
 
     patch_file = tmp_path / "fix.safetensors"
     argv = ["edit", str(path), "--prompt", case.prompt, "--target", case.target, "--out", str(patch_file)]
-    assert cli_main([*argv, "--paraphrase", case.near[0], "--engram-offload", "disk"]) == 0
+    assert (
+        cli_main([*argv, "--paraphrase", case.near[0], "--subject", case.fact.subject, "--engram-offload", "disk"]) == 0
+    )
     out = capsys.readouterr().out
     assert "efficacy (target is the greedy completion): 0.0% -> 100.0%" in out
     assert patch_file.exists()

@@ -150,7 +150,11 @@ def _edit(args) -> int:
     else:
         if args.prompt is None or args.target is None:
             raise UsageError("--prompt and --target go together")
-        requests = [EditRequest(args.prompt, args.target, args.paraphrase or [], args.locality or [], args.true_target)]
+        requests = [
+            EditRequest(
+                args.prompt, args.target, args.paraphrase or [], args.locality or [], args.true_target, args.subject
+            )
+        ]
     model, tokenizer = _load_for_editing(args)
     corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus)) if args.corpus else None
     editor = EngramEditor(
@@ -327,10 +331,16 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--paraphrase", nargs="+", help="other prompts that should give the target too")
     ed.add_argument("--locality", nargs="+", help="prompts whose predictions must not change")
     ed.add_argument("--true-target", help="the current answer, for p(new) > p(true) scores")
-    ed.add_argument("--requests", help="a .jsonl file of requests {prompt, target, paraphrases, locality, true_target}")
+    ed.add_argument("--subject", help="the entity, as written in the prompt: edit through its own n-grams' rows")
+    ed.add_argument(
+        "--requests", help="a .jsonl file of requests {prompt, target, paraphrases, locality, true_target, subject}"
+    )
     ed.add_argument("--out", help="write the patch here (.safetensors)")
     ed.add_argument(
-        "--positions", choices=["needed", "target", "all"], default="needed", help="which positions' rows to edit"
+        "--positions",
+        choices=["auto", "subject", "needed", "target", "all"],
+        default="auto",
+        help="which positions' rows to edit (auto: the subject's with --subject, else the last position's)",
     )
     ed.add_argument("--orders", type=int, nargs="+", help="n-gram orders to edit (default all)")
     ed.add_argument("--steps", type=int, default=200, help="most optimisation steps")

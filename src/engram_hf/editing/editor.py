@@ -7,13 +7,18 @@ back as an ``EngramPatch``. Every other parameter keeps its exact bits, so a pos
 n-grams, and whose earlier positions' n-grams, touch no edited row produces bit-identical logits;
 the contexts that *do* read an edited row are known exactly, and listed from a corpus index.
 
-Which rows: ``positions="needed"`` (default) edits the rows read at the prompt's last position and
-at the target positions whose next target token the model does not already predict with
-``target_prob`` (after " Toul", "indish" usually is: those rows, shared by every context that
-continues " Toul", stay untouched); ``"target"`` takes every position that predicts a target token;
-``"all"`` adds every prompt position. ``orders`` restricts the n-gram orders (e.g. ``(3,)``: only the
-longest, most specific n-grams: a smaller blast radius, less generalisation to paraphrases that
-share only shorter n-grams). Paraphrases given in a request add their own rows and are optimised too.
+Which rows. A request that names its ``subject`` (as CounterFact does) is edited through the
+rows of the subject's own n-grams (those lying inside its tokens; for a one-token subject, those
+ending on it): every context that mentions the subject reads them, and little else does. The rows
+of the prompt's last position are added only if those cannot reach the target (``positions="auto"``,
+the default). Without a subject, the rows of the prompt's last position are edited: the n-grams the
+prediction is made from. With N=3 these can be blind to the subject ("... of Fizhaand is the" ends
+in "and is the" when the name splits into tokens), and then they are shared by every subject that
+ends the same way: the corpus index shows it. In both cases, target positions the model cannot
+already continue (" Toul" -> "indish" usually can) have their rows edited too. ``orders``
+restricts the n-gram orders; ``positions`` forces "subject", "needed" (last position), "target"
+(every predicting position) or "all". Paraphrases given in a request add their own rows and are
+optimised too.
 
 Gate keys (``edit_keys=True``) also trains ``key_proj`` of the edited layers. The gate then opens
 more readily for the new rows, but ``key_proj`` is dense: every position of those layers changes,
@@ -60,6 +65,8 @@ class EditRequest:
     ``paraphrases``: other prompts that should continue with the target too (optimised alongside).
     ``locality``: prompts whose predictions must not change (constrained where they read an edited row).
     ``true_target``: the current answer, if known: for CounterFact-style scores, p(target) > p(true).
+    ``subject``: the entity the fact is about, as it is written in the prompt (and paraphrases). With
+    it the edit goes through the rows of the subject's own n-grams (see ``EngramEditor``).
     """
 
     prompt: str
@@ -67,13 +74,14 @@ class EditRequest:
     paraphrases: list[str] = field(default_factory=list)
     locality: list[str] = field(default_factory=list)
     true_target: str | None = None
+    subject: str | None = None
 
     @classmethod
     def coerce(cls, x) -> EditRequest:
         if isinstance(x, EditRequest):
             return x
         if isinstance(x, dict):
-            unknown = set(x) - {"prompt", "target", "paraphrases", "locality", "true_target"}
+            unknown = set(x) - {"prompt", "target", "paraphrases", "locality", "true_target", "subject"}
             if unknown:
                 raise EditInputError(f"Unknown edit request field(s) {sorted(unknown)}.")
             if "prompt" not in x or "target" not in x:
@@ -95,6 +103,7 @@ class _Encoded:
     paraphrase_ids: list[list[int]]
     locality_ids: list[list[int]]
     true_ids: list[int] | None
+    subject_positions: list[list[int] | None]  # per sequence (prompt, paraphrases): the subject's tokens
 
     def sequences(self) -> list[tuple[list[int], int]]:
         """(prompt + target ids, index of the first target token) for the prompt and each paraphrase."""
@@ -129,10 +138,12 @@ class EditResult:
     seconds: float
     applied: bool
     kept_previous: int = 0  # earlier edits sharing rows with this one, kept in the objective
+    widened: bool = False  # the subject's rows were not enough: the last position's rows were added
 
     def to_dict(self) -> dict:
         return {
             "kept_previous": self.kept_previous,
+            "widened": self.widened,
             "steps": self.steps,
             "converged": self.converged,
             "seconds": self.seconds,
@@ -152,6 +163,8 @@ class EditResult:
             lines.append(f"  also changed dense {sorted(p.dense_new)}: every position of those layers may change")
         if self.kept_previous:
             lines.append(f"  kept {self.kept_previous} earlier edit(s) that read rows this edit changes")
+        if self.widened:
+            lines.append("  the subject's own rows were not enough: the rows of the prompt's last position were added")
         for r in self.requests:
             lines.append(f"{r.prompt!r} -> {r.target!r}")
             lines.append(f"  p(target) {r.prob_before:.4f} -> {r.prob_after:.4f}")
@@ -228,16 +241,24 @@ class _RowOverride:
 class EngramEditor:
     """Edits facts by optimising the Engram rows their n-grams address (see the module docstring).
 
-    Settings: ``positions`` ("needed", "target" or "all"), ``orders`` (n-gram orders to edit, default all),
-    ``layers`` (Engram layers to edit, default all), ``edit_keys`` (also train ``key_proj``),
-    ``lr`` (Adam on the rows), ``max_steps``, ``target_prob`` (stop once every target token of every
-    prompt and paraphrase has at least this probability; 0.5 or more makes it the greedy choice),
-    ``locality_weight`` (KL towards the pre-edit predictions of locality prompts and preserved
-    contexts that read an edited row), ``corpus`` (a ``CorpusIndex``: reports the exact blast
-    radius), ``preserve`` (corpus contexts per edited row to protect), ``settle_steps`` (once the
-    targets are met, further steps that may lower the KL of protected contexts; the best state that
-    still meets every target is kept), ``keep_previous`` (earlier edits of this editor whose prompts
-    read a row this edit changes stay in the objective, so a later edit cannot undo them), ``seed``.
+    Settings:
+
+    * ``positions``: whose rows are edited. ``"auto"`` (default): ``"subject"`` for requests that
+      name a subject, else ``"needed"``. ``"subject"``: the rows of the n-grams ending on the
+      subject's tokens, plus target positions the model cannot already continue. ``"needed"``: the
+      prompt's last position plus those target positions. ``"target"``: every position predicting a
+      target token. ``"all"``: every position.
+    * ``orders`` (n-gram orders to edit, default all), ``layers`` (Engram layers, default all),
+      ``edit_keys`` (also train ``key_proj``: dense, loses the exact blast radius).
+    * ``lr`` (Adam on the rows), ``key_lr``, ``max_steps``, ``target_prob`` (stop once every target
+      token of every prompt and paraphrase has this probability; 0.5 or more makes it greedy).
+    * ``locality_weight`` (KL towards the pre-edit predictions of locality prompts and preserved
+      contexts that read an edited row), ``corpus`` (a ``CorpusIndex``: the exact blast radius),
+      ``preserve`` (corpus readers per edited row to protect), ``preserve_window`` (their context),
+      ``settle_steps`` (once the targets are met, further steps that may lower that KL; the best
+      state still meeting every target is kept).
+    * ``keep_previous``: earlier edits of this editor whose prompts read a row this edit changes stay
+      in the objective, so a later edit cannot undo them.
     """
 
     def __init__(
@@ -245,7 +266,7 @@ class EngramEditor:
         model,
         tokenizer,
         *,
-        positions: str = "needed",
+        positions: str = "auto",
         orders=None,
         layers=None,
         edit_keys: bool = False,
@@ -263,8 +284,8 @@ class EngramEditor:
         progress: bool = True,
     ):
         check_engram_model(model)
-        if positions not in ("needed", "target", "all"):
-            raise ValueError(f"positions must be 'needed', 'target' or 'all', got {positions!r}.")
+        if positions not in ("auto", "needed", "subject", "target", "all"):
+            raise ValueError(f"positions must be 'auto', 'needed', 'subject', 'target' or 'all', got {positions!r}.")
         n = model.hash_contract.max_ngram_size
         all_layers = sorted(model.engram_layers())
         if orders is not None:
@@ -296,6 +317,7 @@ class EngramEditor:
         self.history: list[EngramPatch] = []  # patches this editor applied, in order
         self._history_seqs: list[list[tuple[list[int], int]]] = []  # each applied edit's (ids, first target)
         self._needed: dict[tuple, list[int]] = {}  # "needed" positions per sequence, for one edit
+        self._widen = False  # subject edits: also the rows of the prompt's last position
 
     # ------------------------------------------------------------------ requests → rows
     def _encode(self, requests) -> list[_Encoded]:
@@ -315,26 +337,46 @@ class EngramEditor:
                     [encode(tok, p, m, "paraphrase") for p in r.paraphrases],
                     [encode(tok, p, m, "locality prompt") for p in r.locality],
                     encode(tok, r.true_target, m, "true target", special_tokens=False) if r.true_target else None,
+                    [
+                        _subject_positions(tok, text, r.subject, what) if r.subject is not None else None
+                        for text, what in [(r.prompt, "prompt"), *[(p, "paraphrase") for p in r.paraphrases]]
+                    ],
                 )
             )
         return out
 
     @torch.no_grad()
-    def _edit_positions(self, seq: list[int], first_target: int) -> list[int]:
-        """Positions whose rows are edited, in ``seq`` = prompt + target (``first_target`` = its index)."""
-        if self.positions == "all":
-            return list(range(0, len(seq) - 1))
+    def _edit_sites(self, seq: list[int], first_target: int, subject: list[int] | None = None) -> dict[int, int]:
+        """Where rows are edited in ``seq`` = prompt + target (``first_target`` = its index; ``subject``:
+        the subject's token positions, if the request names one): position -> the earliest position
+        an edited n-gram may start at (0: every n-gram ending there)."""
+        mode = self.positions
+        if mode == "auto":
+            mode = "subject" if subject is not None else "needed"
+        if mode == "all":
+            return dict.fromkeys(range(0, len(seq) - 1), 0)
         predicting = list(range(first_target - 1, len(seq) - 1))
-        if self.positions == "target":
-            return predicting
-        # "needed": the prompt's last position, and the target positions whose next target token
-        # the model does not already give target_prob (e.g. "indish" after " Toul" usually is).
+        if mode == "target":
+            return dict.fromkeys(predicting, 0)
+        # Target positions whose next target token the model does not already give target_prob
+        # (e.g. "indish" after " Toul" usually is): their rows are edited too.
         key = tuple(seq)
         if key not in self._needed:
             logits = self.model(torch.tensor([seq], device=model_device(self.model)), use_cache=False).logits[0]
             probs = logits.float().softmax(-1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].cpu()
-            self._needed[key] = [predicting[0]] + [t for t in predicting[1:] if float(probs[t]) < self.target_prob]
-        return self._needed[key]
+            self._needed[key] = [t for t in predicting[1:] if float(probs[t]) < self.target_prob]
+        needed = dict.fromkeys(self._needed[key], 0)
+        if mode == "needed":
+            return {predicting[0]: 0, **needed}
+        if subject is None:
+            raise EditInputError("positions='subject' needs requests that name their subject (subject=...).")
+        # The subject's own n-grams: those lying inside its tokens; for a one-token subject, those
+        # ending on it (n-grams reaching back into the prompt are shared by every subject there).
+        s0, s1 = min(subject), max(subject)
+        sites = dict.fromkeys(range(s0 + 1, s1 + 1), s0) if s1 > s0 else {s1: 0}
+        if self._widen:  # the subject's rows alone did not reach the target: add the last position's
+            sites[predicting[0]] = 0
+        return {**sites, **needed}
 
     def _request_rows(self, enc: _Encoded) -> tuple[RowSet, list[dict]]:
         """The rows this request edits, and the n-grams they hold (for the report)."""
@@ -342,17 +384,17 @@ class EngramEditor:
         grams, seen = [], set()
         dev = model_device(self.model)
         pad = pad_canonical(self.model)
-        for seq, first in enc.sequences():
+        for (seq, first), subject in zip(enc.sequences(), enc.subject_positions):
             ids = torch.tensor([seq], device=dev)
             hit = self.model.engram_row_ids(ids)
             strings = token_strings(self.tokenizer, seq)
             canon = _canonical(self.model, seq)
             for layer in self.layers:
                 r = hit[layer][0].cpu()
-                for t in self._edit_positions(seq, first):
+                for t, earliest in self._edit_sites(seq, first, subject).items():
                     for head, row in enumerate(r[t].tolist()):
                         order = self.decoder.order_of_head(head)
-                        if self.orders is not None and order not in self.orders:
+                        if (self.orders is not None and order not in self.orders) or t - order + 1 < earliest:
                             continue
                         rows.setdefault(layer, []).append(row)
                         if (layer, row) not in seen:
@@ -368,6 +410,7 @@ class EngramEditor:
                                     "row": row,
                                     "ngram": gram,
                                     "canonical": cgram,
+                                    "at": "subject" if subject is not None and t in subject else "prediction",
                                 }
                             )
         rowset = RowSet({k: torch.tensor(v) for k, v in rows.items()})
@@ -429,100 +472,38 @@ class EngramEditor:
     # ------------------------------------------------------------------ editing
     def edit(self, requests, apply: bool = True) -> EditResult:
         """Edit the model so each request's prompt continues with its target; returns an ``EditResult``
-        whose ``patch`` is applied (unless ``apply=False``) and recorded in ``history``."""
+        whose ``patch`` is applied (unless ``apply=False``) and recorded in ``history``.
+
+        With ``positions="auto"`` and requests that name their subject, the subject's own rows are
+        tried first; if they cannot reach ``target_prob`` within ``max_steps``, the rows of the
+        prompt's last position are added and the optimisation goes on from where it stopped."""
         started = time.perf_counter()
-        model, dev = self.model, model_device(self.model)
+        model = self.model
         self._needed = {}
         encoded = self._encode(requests)
-        per_request = [self._request_rows(enc) for enc in encoded]
-        rowset = RowSet()
-        for rs, _ in per_request:
-            rowset = rowset.union(rs)
-        engrams = model.engram_layers()
-        old = {layer: engrams[layer].read_rows(rows).to(dev) for layer, rows in rowset.rows.items()}
-        free = {layer: torch.nn.Parameter(v.float().clone()) for layer, v in old.items()}
-        rows_dev = {layer: r.to(dev) for layer, r in rowset.rows.items()}
-        override = _RowOverride(model, rows_dev, free)
-
-        key_params = {}
-        if self.edit_keys:
-            for layer in rowset.layers():
-                for p in engrams[layer].key_proj.parameters():
-                    key_params[_param_name(model, p)] = p
-        key_start = {n: p.detach().clone() for n, p in key_params.items()}
-
         prob_before = self._probs(encoded)
         locality_before = self._last_logprobs(encoded)
         greedy_before = [self._greedy(enc.prompt_ids, len(enc.target_ids)) for enc in encoded]
-        constraints = self._constraints(encoded, rowset)
-        kept = self._previous_to_keep(encoded, rowset) if self.keep_previous else []
+        stages = [False]
+        if self.positions == "auto" and any(enc.request.subject is not None for enc in encoded):
+            stages = [False, True]
+        values: dict[tuple[int, int], torch.Tensor] = {}  # (layer, row) -> value reached so far
+        total_steps = 0
+        for widen in stages:
+            self._widen = widen
+            per_request = [self._request_rows(enc) for enc in encoded]
+            rowset = RowSet()
+            for rs, _ in per_request:
+                rowset = rowset.union(rs)
+            free, key_new, steps, converged, kept = self._optimise(encoded, rowset, per_request, values)
+            total_steps += steps
+            values = {(layer, int(r)): v for layer in free for r, v in zip(rowset.rows[layer], free[layer])}
+            if converged:
+                break
+        self._widen = False
+        steps = total_steps
 
-        seqs = [s for enc in encoded for s in enc.sequences()] + kept
-        owner = [i for i, enc in enumerate(encoded) for _ in enc.sequences()]
-        owner += list(range(len(encoded), len(encoded) + len(kept)))
-        ids, mask = batch_ids([s for s, _ in seqs], self.tokenizer.pad_token_id or 0)
-        ids, mask = ids.to(dev), mask.to(dev)
-
-        requires = {n: p.requires_grad for n, p in model.named_parameters()}
-        groups = [{"params": list(free.values()), "lr": self.lr}]
-        if key_params:
-            groups.append({"params": list(key_params.values()), "lr": self.key_lr})
-        optimizer = torch.optim.Adam(groups)
-        torch.manual_seed(self.seed)
-        log_target = torch.log(torch.tensor(self.target_prob))
-        steps, converged = 0, False
-        was_training = model.training
-        model.eval()
-        try:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            for p in key_params.values():
-                p.requires_grad_(True)
-            bar = tqdm(range(self.max_steps + 1), desc="editing rows", disable=not self.progress, mininterval=1.0)
-            best = None  # (KL, snapshot) of the best state that meets every target, while settling
-            settled = 0
-            for step in bar:
-                with override.active():
-                    logits = model(ids, attention_mask=mask, use_cache=False).logits
-                    lp = self._target_logprobs(logits, seqs, ids)
-                    kl = self._constraint_loss(constraints) if constraints else None
-                    if all(bool((x >= log_target).all()) for x in lp):
-                        converged = True
-                        if kl is None:
-                            break
-                        # Targets met: keep going a few steps to pull the protected contexts back,
-                        # and keep the state with the smallest KL that still meets the targets.
-                        if best is None or float(kl) < best[0]:
-                            best = (float(kl), [p.detach().clone() for p in self._free_params(free, key_params)])
-                        settled += 1
-                        if settled > self.settle_steps:
-                            break
-                    if step == self.max_steps:
-                        break
-                    per_req = [[] for _ in range(len(encoded) + len(kept))]
-                    for o, x in zip(owner, lp):
-                        per_req[o].append(-x.mean())
-                    loss = torch.stack([torch.stack(x).mean() for x in per_req]).mean()
-                    total = loss + self.locality_weight * kl if kl is not None else loss
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
-                steps += 1
-                bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
-            if best is not None:
-                with torch.no_grad():
-                    for p, v in zip(self._free_params(free, key_params), best[1]):
-                        p.copy_(v)
-        finally:
-            for n, p in model.named_parameters():
-                p.requires_grad_(requires[n])
-            with torch.no_grad():
-                key_new = {n: p.detach().clone() for n, p in key_params.items()}
-                for n, p in key_params.items():
-                    p.copy_(key_start[n])  # the patch writes them (or not) below, like the rows
-            model.train(was_training)
-
-        new_values = {layer: (rowset.rows[layer], free[layer].detach()) for layer in rowset.rows}
+        new_values = {layer: (rowset.rows[layer], free[layer]) for layer in rowset.rows}
         patch = EngramPatch.from_values(model, new_values, dense_new=key_new)
         patch.apply(model)
         prob_after = self._probs(encoded)
@@ -574,12 +555,105 @@ class EngramEditor:
             },
         }
         patch.info["kept_previous"] = len(kept)
+        patch.info["widened"] = widen
         if apply:
             self.history.append(patch)
             self._history_seqs.append([s for enc in encoded for s in enc.sequences()])
         else:
             patch.revert(model)
-        return EditResult(patch, reports, steps, converged, time.perf_counter() - started, apply, len(kept))
+        return EditResult(patch, reports, steps, converged, time.perf_counter() - started, apply, len(kept), widen)
+
+    def _optimise(self, encoded, rowset: RowSet, per_request, start: dict):
+        """Adam on ``rowset``'s rows (and the gate keys with ``edit_keys``), every other parameter
+        frozen. ``start``: values to begin from, by (layer, row); the table's otherwise. Returns the
+        rows' values, the new gate keys, steps, whether every target was met, and the kept earlier
+        edits."""
+        model, dev = self.model, model_device(self.model)
+        engrams = model.engram_layers()
+        free = {}
+        for layer, rows in rowset.rows.items():
+            v = engrams[layer].read_rows(rows).to(dev).float()
+            for i, r in enumerate(rows.tolist()):
+                if (layer, r) in start:
+                    v[i] = start[(layer, r)].to(dev, v.dtype)
+            free[layer] = torch.nn.Parameter(v)
+        rows_dev = {layer: r.to(dev) for layer, r in rowset.rows.items()}
+        override = _RowOverride(model, rows_dev, free)
+
+        key_params = {}
+        if self.edit_keys:
+            for layer in rowset.layers():
+                for p in engrams[layer].key_proj.parameters():
+                    key_params[_param_name(model, p)] = p
+        key_start = {n: p.detach().clone() for n, p in key_params.items()}
+        constraints = self._constraints(encoded, rowset, [g for _, grams in per_request for g in grams])
+        kept = self._previous_to_keep(encoded, rowset) if self.keep_previous else []
+
+        seqs = [s for enc in encoded for s in enc.sequences()] + kept
+        owner = [i for i, enc in enumerate(encoded) for _ in enc.sequences()]
+        owner += list(range(len(encoded), len(encoded) + len(kept)))
+        ids, mask = batch_ids([s for s, _ in seqs], self.tokenizer.pad_token_id or 0)
+        ids, mask = ids.to(dev), mask.to(dev)
+
+        requires = {n: p.requires_grad for n, p in model.named_parameters()}
+        groups = [{"params": list(free.values()), "lr": self.lr}]
+        if key_params:
+            groups.append({"params": list(key_params.values()), "lr": self.key_lr})
+        optimizer = torch.optim.Adam(groups)
+        torch.manual_seed(self.seed)
+        log_target = math.log(self.target_prob)
+        steps, converged = 0, False
+        was_training = model.training
+        model.eval()
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in key_params.values():
+                p.requires_grad_(True)
+            bar = tqdm(range(self.max_steps + 1), desc="editing rows", disable=not self.progress, mininterval=1.0)
+            best = None  # (KL, snapshot) of the best state that meets every target, while settling
+            settled = 0
+            for step in bar:
+                with override.active():
+                    logits = model(ids, attention_mask=mask, use_cache=False).logits
+                    lp = self._target_logprobs(logits, seqs, ids)
+                    kl = self._constraint_loss(constraints) if constraints else None
+                    if all(bool((x >= log_target).all()) for x in lp):
+                        converged = True
+                        if kl is None:
+                            break
+                        # Targets met: keep going a few steps to pull the protected contexts back,
+                        # and keep the state with the smallest KL that still meets the targets.
+                        if best is None or kl.item() < best[0]:
+                            best = (kl.item(), [p.detach().clone() for p in self._free_params(free, key_params)])
+                        settled += 1
+                        if settled > self.settle_steps:
+                            break
+                    if step == self.max_steps:
+                        break
+                    per_req = [[] for _ in range(len(encoded) + len(kept))]
+                    for o, x in zip(owner, lp):
+                        per_req[o].append(-x.mean())
+                    loss = torch.stack([torch.stack(x).mean() for x in per_req]).mean()
+                    total = loss + self.locality_weight * kl if kl is not None else loss
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                optimizer.step()
+                steps += 1
+                bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
+            if best is not None:
+                with torch.no_grad():
+                    for p, v in zip(self._free_params(free, key_params), best[1]):
+                        p.copy_(v)
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(requires[n])
+            with torch.no_grad():
+                key_new = {n: p.detach().clone() for n, p in key_params.items()}
+                for n, p in key_params.items():
+                    p.copy_(key_start[n])  # the patch writes them (or not), like the rows
+            model.train(was_training)
+        return {k: v.detach() for k, v in free.items()}, key_new, steps, converged, kept
 
     @staticmethod
     def _free_params(free: dict, key_params: dict) -> list[torch.Tensor]:
@@ -622,12 +696,12 @@ class EngramEditor:
 
     # ------------------------------------------------------------------ side effects
     @torch.no_grad()
-    def _constraints(self, encoded: list[_Encoded], rowset: RowSet) -> list[dict]:
+    def _constraints(self, encoded: list[_Encoded], rowset: RowSet, grams: list[dict]) -> list[dict]:
         """Prompts that read an edited row and must keep their predictions: locality prompts, and
         preserved corpus contexts. Each carries its pre-edit log-probs at the positions that can change."""
         seqs = [ids for enc in encoded for ids in enc.locality_ids]
         if self.preserve:
-            seqs += self._preserved_contexts(encoded, rowset)
+            seqs += self._preserved_contexts(encoded, grams)
         if not seqs:
             return []
         ids, mask = batch_ids(seqs, self.tokenizer.pad_token_id or 0)
@@ -648,46 +722,66 @@ class EngramEditor:
         return torch.stack(losses).sum()
 
     @torch.no_grad()
-    def _preserved_contexts(self, encoded: list[_Encoded], rowset: RowSet) -> list[list[int]]:
-        """Up to ``preserve`` corpus windows per edited row, ending at a position that reads the row.
+    def _preserved_contexts(self, encoded: list[_Encoded], grams: list[dict]) -> list[list[int]]:
+        """Up to ``preserve`` corpus windows per edited row, around a position that reads the row.
 
-        A context is *the fact being edited*, and left free to change, when its longest n-gram is one
-        of the request's at an edited position and the corpus continues it with the token the model
-        predicted there before the edit while the edit wants another (e.g. "...capital of X is" +
-        the old capital). Every other reader of the row is collateral and protected: a hash
-        collision, or the same n-gram in another fact ("The language of X is" shares "of X is").
+        Readers that are *the fact being edited* are left free to change; every other reader is
+        collateral and protected: a hash collision, the same n-gram in another fact ("of X is" ends
+        the capital and the language prompts alike), another subject whose name ends in the same
+        tokens, or another fact about the same subject.
+
+        * Rows read at a predicting position: the window ends there; a reader is the fact when it
+          ends in the same last ``_FACT_SUFFIX`` tokens as the request and the corpus continues it
+          with the token the model predicted before the edit, which the edit replaces.
+        * Rows of the subject's n-grams: the window runs ``preserve_window`` tokens past the reader,
+          so that what the text says about the subject is protected; a reader is the fact when the
+          old answer's first token occurs in the window.
         """
         index = self.corpus
-        n = self.model.hash_contract.max_ngram_size
         dev = model_device(self.model)
-        fact = set()  # (longest canonical n-gram, old next token) of each edited position
+        fact: dict[int, set] = {}  # suffix length -> {(canonical suffix, old next token)}
+        old_answers = set()
         for enc in encoded:
-            for seq, first in enc.sequences():
+            for (seq, first), subject in zip(enc.sequences(), enc.subject_positions):
                 canon = _canonical(self.model, seq)
                 old = self.model(torch.tensor([seq], device=dev), use_cache=False).logits[0].argmax(-1).tolist()
-                for t in self._edit_positions(seq, first):
+                if old[first - 1] != seq[first]:
+                    old_answers.add(old[first - 1])
+                for t in self._edit_sites(seq, first, subject):
                     if old[t] != seq[t + 1]:
-                        gram = [index.pad_canonical] * max(0, n - 1 - t) + canon[max(0, t - n + 1) : t + 1]
-                        fact.add((tuple(gram), old[t]))
+                        n = min(_FACT_SUFFIX, t + 1)
+                        fact.setdefault(n, set()).add((tuple(canon[t - n + 1 : t + 1]), old[t]))
+        answers = torch.tensor(sorted(old_answers), dtype=torch.long)
         g = torch.Generator().manual_seed(self.seed)
-        windows = []
-        for layer, rows in rowset.rows.items():
-            for row in rows.tolist():
-                flat = index.positions(layer, row)
-                if flat.numel() == 0:
-                    continue
-                grams = index.ngrams(flat, n).tolist()
-                doc = torch.searchsorted(index.doc_start, flat, right=True) - 1
+        windows, done = [], set()
+        for gram in grams:
+            key = (gram["layer"], gram["row"])
+            if key in done:
+                continue
+            done.add(key)
+            flat = index.positions(*key)
+            if flat.numel() == 0:
+                continue
+            doc = torch.searchsorted(index.doc_start, flat, right=True) - 1
+            start = torch.maximum(index.doc_start[doc], flat - self.preserve_window + 1)
+            after = self.preserve_window if gram["at"] == "subject" else 0
+            end = torch.minimum(index.doc_start[doc + 1], flat + 1 + after)
+            collateral = torch.ones(flat.shape, dtype=torch.bool)
+            if gram["at"] == "subject":
+                for i, (a, b) in enumerate(zip(start.tolist(), end.tolist())):
+                    collateral[i] = not bool(torch.isin(index.ids[a:b], answers).any())
+            else:
                 inside = flat + 1 < index.doc_start[doc + 1]
                 nxt = torch.where(inside, index.ids[(flat + 1).clamp_max(index.n_tokens - 1)], -1).tolist()
-                collateral = torch.tensor([(tuple(gr), nx) not in fact for gr, nx in zip(grams, nxt)], dtype=torch.bool)
-                flat, doc = flat[collateral], doc[collateral]
-                if flat.numel() > self.preserve:
-                    pick = torch.randperm(flat.numel(), generator=g)[: self.preserve]
-                    flat, doc = flat[pick], doc[pick]
-                for f, d in zip(flat.tolist(), doc.tolist()):
-                    start = max(int(index.doc_start[d]), f - self.preserve_window + 1)
-                    windows.append(index.ids[start : f + 1].tolist())
+                for n, signatures in fact.items():
+                    suffixes = index.ngrams(flat, n).tolist()
+                    is_fact = [(tuple(sf), nx) in signatures for sf, nx in zip(suffixes, nxt)]
+                    collateral &= ~torch.tensor(is_fact, dtype=torch.bool)
+            keep = collateral.nonzero()[:, 0]
+            if keep.numel() > self.preserve:
+                keep = keep[torch.randperm(keep.numel(), generator=g)[: self.preserve]]
+            for i in keep.tolist():
+                windows.append(index.ids[int(start[i]) : int(end[i])].tolist())
         return windows
 
     @torch.no_grad()
@@ -726,6 +820,29 @@ class EngramEditor:
             if len(out) >= limit:
                 break
         return out[:limit]
+
+
+# Tokens of context that identify "the fact being edited" among a row's corpus readers.
+_FACT_SUFFIX = 8
+
+
+def _subject_positions(tokenizer, text: str, subject: str, what: str) -> list[int]:
+    """Token positions of ``text`` (tokenized as ``encode`` does) that overlap ``subject``'s last
+    occurrence in it."""
+    if not subject or not subject.strip():
+        raise EditInputError("The subject is empty: name the entity as it is written in the prompt.")
+    start = text.rfind(subject)
+    if start < 0:
+        raise EditInputError(f"The subject {subject!r} does not occur in the {what} {text!r}.")
+    end = start + len(subject)
+    try:
+        offsets = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)["offset_mapping"]
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        raise EditInputError("Finding the subject's tokens needs a fast tokenizer (offset mapping).") from None
+    positions = [i for i, (a, b) in enumerate(offsets) if b > a and b > start and a < end]
+    if not positions:
+        raise EditInputError(f"The subject {subject!r} covers no token of the {what} {text!r}.")
+    return positions
 
 
 def _param_name(model, param) -> str:
