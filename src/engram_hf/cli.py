@@ -190,6 +190,109 @@ def _prepare_data(args) -> int:
     return 0
 
 
+def _load_for_editing(args):
+    """The model (tables on the tier asked for) and its tokenizer, for the editing commands."""
+    from transformers import AutoModelForCausalLM
+
+    from .training.run import load_tokenizer
+
+    tier = None if args.engram_offload == "none" else args.engram_offload
+    model = AutoModelForCausalLM.from_pretrained(args.model, engram_offload=tier).eval()
+    try:
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"no tokenizer in {args.tokenizer or args.model} ({e}); give one with --tokenizer DIR"
+        ) from None
+    return model, tokenizer
+
+
+def _locate(args) -> int:
+    from .editing import CorpusIndex, locate
+    from .training import read_texts
+
+    model, tokenizer = _load_for_editing(args)
+    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus)) if args.corpus else None
+    result = locate(model, tokenizer, args.text, corpus=corpus, examples=args.examples)
+    print(result.to_json(indent=2) if args.json else result.report(examples=args.examples))
+    return 0
+
+
+def _edit(args) -> int:
+    import json
+
+    from .editing import CorpusIndex, EditRequest, EngramEditor, evaluate_edit
+    from .training import read_texts
+
+    if bool(args.requests) == (args.prompt is not None or args.target is not None):
+        raise UsageError("give --prompt and --target, or --requests FILE.jsonl (not both)")
+    if args.requests:
+        requests = []
+        for n, line in enumerate(open(args.requests, encoding="utf-8").read().splitlines(), 1):
+            if line.strip():
+                try:
+                    requests.append(EditRequest.coerce(json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UsageError(f"{args.requests}:{n} is not valid JSON ({e})") from None
+    else:
+        if args.prompt is None or args.target is None:
+            raise UsageError("--prompt and --target go together")
+        requests = [
+            EditRequest(
+                args.prompt, args.target, args.paraphrase or [], args.locality or [], args.true_target, args.subject
+            )
+        ]
+    model, tokenizer = _load_for_editing(args)
+    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus)) if args.corpus else None
+    editor = EngramEditor(
+        model,
+        tokenizer,
+        positions=args.positions,
+        orders=args.orders,
+        max_steps=args.steps,
+        target_prob=args.target_prob,
+        lr=args.lr,
+        corpus=corpus,
+        preserve=args.preserve,
+    )
+    result = editor.edit(requests)
+    evaluation = evaluate_edit(model, tokenizer, result.patch, requests)
+    if args.out:
+        result.patch.save(args.out)
+    if args.json:
+        print(json.dumps({"edit": result.to_dict(), "evaluation": evaluation.to_dict()}, indent=2, default=str))
+    else:
+        print(result.report())
+        print(evaluation.report())
+        if args.out:
+            print(
+                f"patch written to {args.out} (apply it to a checkpoint with: engram-hf patch apply MODEL {args.out})"
+            )
+    if not result.converged:
+        print("engram-hf edit: warning: the target did not reach --target-prob within --steps", file=sys.stderr)
+    return 0
+
+
+def _patch(args) -> int:
+    import json
+
+    from .editing import EngramPatch, apply_to_checkpoint
+
+    if args.action == "show":
+        patch = EngramPatch.load(args.patch)
+        print(json.dumps(patch.summary(), indent=2) if args.json else patch.report())
+    elif args.action in ("apply", "revert"):
+        patch = EngramPatch.load(args.patch)
+        out = apply_to_checkpoint(patch, args.model, args.out, revert=args.action == "revert")
+        verb = "applied to" if args.action == "apply" else "reverted from"
+        print(f"{patch.num_rows} rows {verb} {args.model}: wrote {out}")
+    else:  # stack
+        patch = EngramPatch.stack([EngramPatch.load(p) for p in args.patches])
+        patch.save(args.out)
+        print(f"stacked {len(args.patches)} patches ({patch.num_rows} rows) into {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram-hf", description="Engram conditional memory for HF transformers.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -357,6 +460,75 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--benchmarks", nargs="+", choices=["mmlu", "bbh", "math", "ruler"], help="default: all found")
     prep.add_argument("--data-dir", help="target (default: $ENGRAM_HF_EVAL_DATA or ~/.cache/engram-hf/eval)")
     prep.set_defaults(func=_prepare_data)
+
+    def editing_model_args(p):
+        p.add_argument("model", help="checkpoint directory (with its tokenizer)")
+        p.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+        p.add_argument(
+            "--engram-offload",
+            choices=["none", "cpu", "disk"],
+            default="none",
+            help="where the tables live; with disk, edits are an overlay and the checkpoint is never written",
+        )
+        p.add_argument("--corpus", nargs="+", help=".txt/.jsonl files or directories: report which contexts share rows")
+        p.add_argument("--json", action="store_true")
+
+    loc = sub.add_parser(
+        "locate",
+        help="which Engram rows a text reads: n-grams, rows, gates, and (with --corpus) who else reads them",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    editing_model_args(loc)
+    loc.add_argument("--text", required=True)
+    loc.add_argument("--examples", type=int, default=3, help="corpus contexts shown per row (collisions first)")
+    loc.set_defaults(func=_locate)
+
+    ed = sub.add_parser(
+        "edit",
+        help="correct a fact by editing only the Engram rows its n-grams address; prints before/after and metrics",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    editing_model_args(ed)
+    ed.add_argument("--prompt", help="e.g. 'The capital of France is'")
+    ed.add_argument("--target", help="the new completion, with its leading space: ' Lyon'")
+    ed.add_argument("--paraphrase", nargs="+", help="other prompts that should give the target too")
+    ed.add_argument("--locality", nargs="+", help="prompts whose predictions must not change")
+    ed.add_argument("--true-target", help="the current answer, for p(new) > p(true) scores")
+    ed.add_argument("--subject", help="the entity, as written in the prompt: edit through its own n-grams' rows")
+    ed.add_argument(
+        "--requests", help="a .jsonl file of requests {prompt, target, paraphrases, locality, true_target, subject}"
+    )
+    ed.add_argument("--out", help="write the patch here (.safetensors)")
+    ed.add_argument(
+        "--positions",
+        choices=["auto", "subject", "needed", "target", "all"],
+        default="auto",
+        help="which positions' rows to edit (auto: the subject's with --subject, else the last position's)",
+    )
+    ed.add_argument("--orders", type=int, nargs="+", help="n-gram orders to edit (default all)")
+    ed.add_argument("--steps", type=int, default=200, help="most optimisation steps")
+    ed.add_argument("--target-prob", type=float, default=0.9, help="stop once every target token has this probability")
+    ed.add_argument("--lr", type=float, default=0.05)
+    ed.add_argument("--preserve", type=int, default=0, help="with --corpus: colliding contexts per row to protect")
+    ed.set_defaults(func=_edit)
+
+    pa = sub.add_parser("patch", help="show, apply, revert or stack Engram patches")
+    pa_sub = pa.add_subparsers(dest="action", required=True)
+    show = pa_sub.add_parser("show", help="print a patch's rows, fingerprint and requests")
+    show.add_argument("patch")
+    show.add_argument("--json", action="store_true")
+    for action, text in (
+        ("apply", "write a copy of a checkpoint with the patch applied"),
+        ("revert", "write a copy of a patched checkpoint with the patch reverted"),
+    ):
+        ap = pa_sub.add_parser(action, help=text)
+        ap.add_argument("model", help="checkpoint directory (never modified)")
+        ap.add_argument("patch")
+        ap.add_argument("--out", required=True, help="directory for the new checkpoint")
+    st = pa_sub.add_parser("stack", help="combine patches made one after another into one")
+    st.add_argument("patches", nargs="+", help="patch files, in the order they were made")
+    st.add_argument("--out", required=True)
+    pa.set_defaults(func=_patch)
     for sp in sub.choices.values():
         # Also accepted after the command name; only the top-level flag sets the default.
         sp.add_argument(

@@ -9,6 +9,7 @@ from transformers.integrations.accelerate import force_accelerate_hooks
 from .. import ops
 from ..layers.norm import RMSNorm
 from ..offload.table import OffloadedTable
+from ..ops.gate.naive import gate_alpha
 from ..ops.inputs import ConvParams, EngramInputs
 from .cache import CONV_STATE
 from .hashing import HashBuffers, LayerHash
@@ -123,6 +124,16 @@ class EngramMemory(nn.Module):
                 rows = self.row_ids(inputs)
             return self.table(rows).flatten(-2), rows
         return ops.hash_gather(inputs, self.hasher.params(), self.table.weight, self.sparse_grad)
+
+    @torch.no_grad()
+    def gates(self, hidden_states: torch.Tensor, inputs: EngramInputs) -> torch.Tensor:
+        """The gate ``α`` of every branch, float32 ``[B, T, hc_mult]``, for the hidden states this
+        layer's forward receives (``[B, T, hc_mult, hidden]``): how much of the memory each branch
+        lets in. Diagnostic (``engram_hf.editing.locate``); the forward computes it inside the fused op."""
+        B, T, M, D = hidden_states.shape
+        embeddings = self.lookup(inputs)[0].to(device=hidden_states.device, dtype=hidden_states.dtype)
+        key = self.key_proj(embeddings).view(B, T, M, D)
+        return gate_alpha(key, hidden_states, self.key_norm.params(), self.query_norm.params())
 
     def conv_params(self) -> ConvParams:
         return ConvParams(self.conv_norm.params(), self.conv.weight, self.max_ngram_size)

@@ -20,14 +20,22 @@ def inv_rms(x: torch.Tensor, eps: float | None) -> torch.Tensor:
     return (torch.linalg.vector_norm(x, dim=-1).square() / x.shape[-1] + resolve_eps(eps)).rsqrt()
 
 
-def gate_value(key, hidden, value, key_norm: NormParams, query_norm: NormParams):
-    """``α_m · v`` with ``α_m = σ(ssqrt(<RMSNorm(k_m), RMSNorm(h_m)> / sqrt(D)))``.
+def gate_alpha(key, hidden, key_norm: NormParams, query_norm: NormParams) -> torch.Tensor:
+    """The gate ``α_m = σ(ssqrt(<RMSNorm(k_m), RMSNorm(h_m)> / sqrt(D)))`` per branch, float32 ``[B, T, M]``.
 
-    key, hidden: ``[B, T, M, D]``; value: ``[B, T, D]``; norm weights ``[M, D]``. Returns ``[B, T, M, D]``.
+    key, hidden: ``[B, T, M, D]``; norm weights ``[M, D]``.
     """
     D = key.shape[-1]
     w = (key_norm.weight * query_norm.weight).to(key.dtype)
     s = torch.einsum("btmd,btmd->btm", key * w, hidden).float()
     g = s * inv_rms(key, key_norm.eps) * inv_rms(hidden, query_norm.eps) / math.sqrt(D)
     g = g.abs().clamp_min(1e-6).sqrt() * g.sign()
-    return g.sigmoid().to(value.dtype).unsqueeze(-1) * value.unsqueeze(2)
+    return g.sigmoid()
+
+
+def gate_value(key, hidden, value, key_norm: NormParams, query_norm: NormParams):
+    """``α_m · v`` with ``α_m`` from ``gate_alpha``.
+
+    key, hidden: ``[B, T, M, D]``; value: ``[B, T, D]``; norm weights ``[M, D]``. Returns ``[B, T, M, D]``.
+    """
+    return gate_alpha(key, hidden, key_norm, query_norm).to(value.dtype).unsqueeze(-1) * value.unsqueeze(2)

@@ -1,0 +1,656 @@
+"""Knowledge editing on a tiny EngramMoE that has learned invented facts: locate, edit, patch,
+revert, evaluate, offloaded tables, checkpoints, CLI and bad input."""
+
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from engram_hf import build_compression_table
+from engram_hf.cli import main as cli_main
+from engram_hf.data import builtin_text
+from engram_hf.editing import (
+    CorpusIndex,
+    EditInputError,
+    EditRequest,
+    EngramEditor,
+    EngramPatch,
+    PatchMismatchError,
+    apply_to_checkpoint,
+    evaluate_edit,
+    locate,
+)
+from engram_hf.editing.facts import FactWorld, train_fact_model
+from engram_hf.editing.rows import reachable, reads
+from engram_hf.testing import ReferenceEngram
+
+from conftest import SHAKESPEARE, tiny_config
+
+
+def _filler() -> str:
+    """Ordinary text the facts are mixed into: the shared Shakespeare corpus, else the built-in sonnets."""
+    path = SHAKESPEARE / "sonnets_gut.txt"
+    return path.read_text(encoding="utf-8") if path.exists() else builtin_text()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny and dispatch-bound: one thread is as fast, and on a busy machine a second,
+    spinning OpenMP thread makes every step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def facts(tmp_path_factory):
+    """A fact world, a model trained on it (saved with its tokenizer) and the training corpus."""
+    torch.manual_seed(0)
+    world = FactWorld(n_subjects=8, n_languages=3, n_currencies=3, seed=0)
+    model, tokenizer = train_fact_model(world, _filler(), steps=140, lr=1e-2, progress=False)
+    path = tmp_path_factory.mktemp("facts") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return world, path, tokenizer, world.corpus(_filler())
+
+
+def _load(path, **kwargs):
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, prompt, n):
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, -n:].tolist()
+
+
+def _target_ids(tokenizer, target):
+    return tokenizer(target, add_special_tokens=False).input_ids
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def _check_untouched(model, patch, x, full_before, full_now) -> int:
+    """The positions of ``x`` before its first reader of an edited row: bit-identical in a forward of
+    their own (the same computation before and after, unless something outside the patch changed),
+    and equal to float rounding in the full forward, where the routed experts group tokens anew."""
+    free = ~reachable(reads(model, patch.rowset(), x))[0]
+    f = int(free.sum())
+    if f:
+        now = model(x[:, :f]).logits
+        patch.revert(model)
+        before = model(x[:, :f]).logits
+        patch.apply(model)
+        assert torch.equal(now, before)
+        torch.testing.assert_close(full_now[0, :f], full_before[0, :f], rtol=0, atol=1e-4)
+    return f
+
+
+def _case(world, tokenizer, model, index=0):
+    """A counterfactual whose true fact the model has learned."""
+    for c in world.counterfactuals(seed=3)[index:]:
+        if _greedy(model, tokenizer, c.prompt, len(_target_ids(tokenizer, c.true_target))) == _target_ids(
+            tokenizer, c.true_target
+        ):
+            return c
+    raise AssertionError("the fact model learned none of its facts")
+
+
+def test_fact_model_learned_its_facts(facts):
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    known = [
+        _greedy(model, tokenizer, world.prompt(f), len(_target_ids(tokenizer, " " + f.object)))
+        == _target_ids(tokenizer, " " + f.object)
+        for f in world.facts
+    ]
+    assert sum(known) >= 0.9 * len(known), f"learned {sum(known)} of {len(known)} facts"
+
+
+def test_locate_matches_an_independent_hash_and_gate(facts):
+    """Rows (order, head, index) against the reference's numpy hash; gates against a step-by-step
+    restatement of the formula; corpus counts against brute force over every document."""
+    world, path, tokenizer, corpus = facts
+    model = _load(path)
+    config = model.config
+    text = world.prompt(world.facts[0])
+    index = CorpusIndex(model, tokenizer, corpus[:40], progress=False)
+    loc = locate(model, tokenizer, text, corpus=index, examples=2)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert loc.tokens == [tokenizer.decode([i]) for i in ids[0].tolist()]
+    assert len(loc.positions) == ids.shape[1]
+
+    table = build_compression_table(tokenizer, progress=False).numpy()
+    hidden_in = {}
+    hooks = [
+        e.register_forward_pre_hook(lambda m, a, i=i: hidden_in.__setitem__(i, a[0]))
+        for i, e in model.engram_layers().items()
+    ]
+    with torch.no_grad():
+        model(ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+
+    K = config.engram_n_head_per_ngram
+    for layer, engram in model.engram_layers().items():
+        ref = ReferenceEngram(
+            layer_id=layer,
+            layer_ids=list(config.engram_layer_ids),
+            engram_vocab_size=list(config.engram_vocab_size),
+            max_ngram_size=config.engram_max_ngram_size,
+            n_embed_per_ngram=config.engram_n_embed_per_ngram,
+            n_head_per_ngram=K,
+            hidden_size=config.hidden_size,
+            hc_mult=config.hc_mult,
+            kernel_size=config.engram_kernel_size,
+            seed=config.engram_seed,
+            lookup_table=table,
+            pad_id=config.engram_pad_id,
+        )
+        local = ref.hash(ids.numpy())[0]  # [T, heads], rows inside each head's table
+        offsets = ref.multi_head_embedding.offsets
+        w = engram.table.weight.detach()
+        e = w[torch.from_numpy(local) + offsets].flatten(-2)  # [T, E]
+        D, M = config.hidden_size, config.hc_mult
+        key = engram.key_proj(e).view(-1, M, D).detach()
+        h = hidden_in[layer][0]
+        for p in loc.positions:
+            hits = [x for x in p.rows if x.layer == layer]
+            assert [x.index for x in hits] == local[p.position].tolist()
+            assert [x.order for x in hits] == [hd // K + 2 for hd in range(len(hits))]
+            for x in hits:
+                assert len(x.ngram) == x.order and x.ngram[-1] == loc.tokens[p.position]
+            for m in range(M):
+                k = torch.nn.functional.rms_norm(key[p.position, m], (D,), engram.key_norm.weight[m].detach())
+                q = torch.nn.functional.rms_norm(h[p.position, m], (D,), engram.query_norm.weight[m].detach())
+                g = float((k * q).sum() / math.sqrt(D))
+                alpha = 1 / (1 + math.exp(-math.copysign(math.sqrt(max(abs(g), 1e-6)), g)))
+                assert p.gates[layer][m] == pytest.approx(alpha, abs=1e-5)
+
+    # Corpus sharing, by brute force: every document's rows from the model, compared one by one.
+    per_doc = []
+    for doc in corpus[:40]:
+        d = tokenizer(doc, return_tensors="pt").input_ids
+        per_doc.append((d[0], model.engram_row_ids(d)))
+    last = loc.positions[-1]
+    for hit in last.rows:
+        readers = [
+            (di, t)
+            for di, (_, rows) in enumerate(per_doc)
+            for t in (rows[hit.layer][0] == hit.row).any(-1).nonzero()[:, 0]
+        ]
+        assert hit.corpus_same + hit.corpus_collisions == len(readers)
+        same = 0
+        for di, t in readers:
+            d, t = per_doc[di][0], int(t)
+            grams = d[max(0, t - hit.order + 1) : t + 1].tolist()
+            mine = ids[0, -hit.order :].tolist()
+            same += len(grams) == hit.order and (table[grams] == table[mine]).all()
+        assert hit.corpus_same == same
+    json.loads(loc.to_json())
+    assert "gate per branch" in loc.report()
+
+
+def test_edit_changes_the_fact_and_nothing_but_its_rows(facts):
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    case = _case(world, tokenizer, model)
+    original = _state(model)
+    others = [world.prompt(f) for f in world.facts if f.subject != case.fact.subject]
+    other_ids = [tokenizer(p, return_tensors="pt").input_ids for p in others]
+    with torch.no_grad():
+        other_before = [model(x).logits for x in other_ids]
+    text_ids = tokenizer(_filler()[:1500], return_tensors="pt").input_ids[:, :200]
+    with torch.no_grad():
+        text_before = model(text_ids).logits
+
+    editor = EngramEditor(model, tokenizer, progress=False)
+    result = editor.edit(EditRequest(case.prompt, case.target, paraphrases=case.near[:1], true_target=case.true_target))
+    patch = result.patch
+    assert result.converged and result.requests[0].success
+    n = len(_target_ids(tokenizer, case.target))
+    assert _greedy(model, tokenizer, case.prompt, n) == _target_ids(tokenizer, case.target)
+    # A held-out paraphrase that shares the prompt's last n-grams follows the edit.
+    assert _greedy(model, tokenizer, case.near[1], n) == _target_ids(tokenizer, case.target)
+
+    # Every tensor but the edited rows keeps its exact bits.
+    after = model.state_dict()
+    for name, value in original.items():
+        if name.endswith("engram.table.weight"):
+            layer = int(name.split(".")[2])
+            changed = (after[name] != value).any(-1).nonzero()[:, 0]
+            assert set(changed.tolist()) <= set(patch.rows.get(layer, torch.empty(0)).tolist())
+            assert changed.numel() > 0
+        else:
+            assert torch.equal(after[name], value), name
+
+    # Prompts and text whose positions read no edited row (by row ids) have bit-identical logits.
+    exact = 0
+    with torch.no_grad():
+        for x, before in zip(other_ids + [text_ids], other_before + [text_before]):
+            exact += _check_untouched(model, patch, x, before, model(x).logits)
+    assert exact > 100  # the check is not vacuous
+
+    editor.undo()
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_batch_sequential_stack_and_revert_order(facts, tmp_path):
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    original = _state(model)
+    cases = world.counterfactuals(seed=5)[:3]
+    editor = EngramEditor(model, tokenizer, progress=False)
+    batch = editor.edit([EditRequest(c.prompt, c.target) for c in cases])
+    assert batch.converged and all(r.success for r in batch.requests)
+    for c in cases:
+        n = len(_target_ids(tokenizer, c.target))
+        assert _greedy(model, tokenizer, c.prompt, n) == _target_ids(tokenizer, c.target)
+
+    # The same fact edited again: the second patch overwrites the first one's rows.
+    again = [o for o in world.objects(cases[0].fact.relation) if o not in (cases[0].new_object, cases[0].fact.object)]
+    second = editor.edit(EditRequest(cases[0].prompt, " " + again[0]))
+    assert second.requests[0].success
+    assert set(second.patch.rows) & set(batch.patch.rows)
+    with pytest.raises(PatchMismatchError, match="later patch"):
+        batch.patch.revert(model)
+    stacked = EngramPatch.stack([batch.patch, second.patch])
+    with pytest.raises(PatchMismatchError, match="not made on top"):
+        EngramPatch.stack([second.patch, batch.patch])
+    stacked.save(tmp_path / "stacked.safetensors")
+    EngramPatch.load(tmp_path / "stacked.safetensors").revert(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    # Undo in order works too (from the applied state).
+    stacked.apply(model)
+    editor.undo()
+    editor.undo()
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_subject_edits_go_through_the_subjects_own_rows(facts):
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    case = _case(world, tokenizer, model)
+    enc = tokenizer(case.prompt, return_offsets_mapping=True)
+    start = case.prompt.rfind(case.fact.subject)
+    inside = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > start and a < start + len(case.fact.subject)]
+    subject_tokens = [tokenizer.decode([enc["input_ids"][i]]) for i in inside]
+    request = EditRequest(case.prompt, case.target, subject=case.fact.subject)
+    editor = EngramEditor(model, tokenizer, positions="subject", progress=False)
+    result = editor.edit(request, apply=False)
+    report = result.requests[0]
+    assert report.prob_after > 10 * report.prob_before  # the subject's rows alone move the answer
+    at_subject = [g for g in report.ngrams if g["at"] == "subject"]
+    assert at_subject
+    for g in at_subject:
+        if len(inside) > 1:  # n-grams lying inside the subject's tokens
+            assert all(t in subject_tokens for t in g["ngram"])
+        else:  # a one-token subject: the n-grams ending on it
+            assert g["ngram"][-1] == subject_tokens[0]
+    # The rows the last prompt position reads stay as they were.
+    ids = tokenizer(case.prompt, return_tensors="pt").input_ids
+    for layer, rows in model.engram_row_ids(ids).items():
+        assert not result.patch.rowset().contains(layer, rows[0, -1]).any()
+    # The default ("auto") widens to the last position's rows only if the subject's are not enough.
+    auto = EngramEditor(model, tokenizer, progress=False).edit(request)
+    assert auto.requests[0].success and auto.converged
+    assert auto.widened == (not result.converged)
+    with pytest.raises(EditInputError, match="does not occur in the prompt"):
+        editor.edit(EditRequest(case.prompt, case.target, subject="Atlantis"))
+    with pytest.raises(EditInputError, match="does not occur in the paraphrase"):
+        editor.edit(EditRequest(case.prompt, case.target, paraphrases=["Nobody knows"], subject=case.fact.subject))
+
+
+def test_later_edits_keep_earlier_ones_that_share_rows(facts):
+    """Two relations of one subject end in the same n-grams ("of X is"): the second edit changes rows
+    the first one wrote, and keeps the first in its objective."""
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    subject = world.subjects[1]
+    cases = {c.fact.relation: c for c in world.counterfactuals(seed=6) if c.fact.subject == subject}
+    first, second = cases["language"], cases["capital"]
+    editor = EngramEditor(model, tokenizer, progress=False)
+    editor.edit(EditRequest(first.prompt, first.target))
+    result = editor.edit(EditRequest(second.prompt, second.target))
+    assert set(result.patch.rows[0].tolist()) & set(editor.history[0].rows[0].tolist())  # shared rows
+    assert result.kept_previous >= 1
+    for c in (first, second):
+        n = len(_target_ids(tokenizer, c.target))
+        assert _greedy(model, tokenizer, c.prompt, n) == _target_ids(tokenizer, c.target)
+
+
+def test_patch_file_roundtrip_and_refusals(facts, tmp_path):
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    case = _case(world, tokenizer, model)
+    result = EngramEditor(model, tokenizer, progress=False).edit(EditRequest(case.prompt, case.target))
+    file = result.patch.save(tmp_path / "edit.safetensors")
+    loaded = EngramPatch.load(file)
+    for layer in result.patch.rows:
+        assert torch.equal(loaded.rows[layer], result.patch.rows[layer])
+        assert torch.equal(loaded.new[layer], result.patch.new[layer])
+        assert torch.equal(loaded.old[layer], result.patch.old[layer])
+    assert loaded.requests[0]["target"] == case.target
+
+    fresh = _load(path)
+    loaded.apply(fresh)
+    ids = tokenizer(case.prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)
+    with pytest.raises(PatchMismatchError, match="do not hold the patch's old values"):
+        loaded.apply(fresh)  # already applied
+    # A patched resident model saves as a normal checkpoint.
+    fresh.save_pretrained(tmp_path / "saved")
+    with torch.no_grad():
+        assert torch.equal(_load(tmp_path / "saved")(ids).logits, model(ids).logits)
+    assert loaded.state(_load(tmp_path / "saved")) == "applied"
+
+    # Another compression table: two token ids swap their canonical ids.
+    other = _load(path)
+    table = other.model.compressor.lookup_table.clone()
+    a, b = int(table[5]), int(table[6])
+    table[5], table[6] = b, a
+    other.set_compression_table(table)
+    with pytest.raises(PatchMismatchError, match="compression table"):
+        loaded.apply(other)
+    # Another hash contract (seed) and another table layout (row width).
+    from engram_hf import EngramMoEForCausalLM
+
+    cfg = _load(path).config
+    with pytest.raises(PatchMismatchError, match="seed"):
+        loaded.apply(EngramMoEForCausalLM(type(cfg)(**{**cfg.to_dict(), "engram_seed": 1})))
+    wide = EngramMoEForCausalLM(type(cfg)(**{**cfg.to_dict(), "engram_n_embed_per_ngram": 64}))
+    wide.set_compression_table(_load(path).model.compressor.lookup_table)
+    with pytest.raises(PatchMismatchError, match="table layout"):
+        loaded.apply(wide)
+
+    # Not a patch / corrupt files get a clear message.
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        EngramPatch.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not an engram-hf patch"):
+        EngramPatch.load(tmp_path / "plain.safetensors")
+
+
+def test_patch_save_is_atomic(facts, tmp_path, monkeypatch):
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    case = _case(world, tokenizer, model)
+    patch = EngramEditor(model, tokenizer, progress=False).edit(EditRequest(case.prompt, case.target)).patch
+    target = tmp_path / "p.safetensors"
+    patch.save(target)
+    before = target.read_bytes()
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        patch.save(target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
+def test_disk_offloaded_edit_is_an_overlay(facts, tmp_path):
+    """On a disk-tier table the edit is served as an overlay: same logits as the resident model with
+    the same patch, the checkpoint file never written, revert restores the original logits exactly."""
+    world, path, tokenizer, _ = facts
+    sha = lambda: hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    digest = sha()
+    disk = _load(path, engram_offload="disk", engram_cache_rows=64)
+    resident = _load(path)
+    case = _case(world, tokenizer, resident)
+    probes = [case.prompt, case.near[0]] + [world.prompt(f) for f in world.facts[:6]]
+    ids = [tokenizer(p, return_tensors="pt").input_ids for p in probes]
+    with torch.no_grad():
+        before = [disk(x).logits for x in ids]
+    editor = EngramEditor(disk, tokenizer, progress=False)
+    result = editor.edit(EditRequest(case.prompt, case.target))
+    assert result.requests[0].success
+    n = len(_target_ids(tokenizer, case.target))
+    assert _greedy(disk, tokenizer, case.prompt, n) == _target_ids(tokenizer, case.target)
+    assert _greedy(disk, tokenizer, case.near[0], n) == _target_ids(tokenizer, case.target)
+    result.patch.apply(resident)
+    with torch.no_grad():
+        for x, b in zip(ids, before):
+            now = disk(x).logits
+            assert torch.equal(now, resident(x).logits)
+            _check_untouched(disk, result.patch, x, b, now)
+    assert sha() == digest
+    editor.undo()
+    with torch.no_grad():
+        for x, b in zip(ids, before):
+            assert torch.equal(disk(x).logits, b)
+    assert sha() == digest
+
+
+def test_apply_to_checkpoint_writes_a_patched_copy(facts, tmp_path):
+    world, path, tokenizer, _ = facts
+    sha = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()
+    digest = sha(path)
+    model = _load(path, engram_offload="disk")
+    case = _case(world, tokenizer, _load(path))
+    patch = EngramEditor(model, tokenizer, progress=False).edit(EditRequest(case.prompt, case.target)).patch
+    out = apply_to_checkpoint(patch, path, tmp_path / "patched")
+    assert sha(path) == digest
+    patched = _load(out)
+    ids = tokenizer(case.prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(patched(ids).logits, model(ids).logits)
+    assert (out / "tokenizer.json").exists()
+    with pytest.raises(PatchMismatchError, match="old values"):
+        apply_to_checkpoint(patch, out, tmp_path / "twice")
+    back = apply_to_checkpoint(patch, out, tmp_path / "reverted", revert=True)
+    assert sha(back) == digest
+
+
+def test_evaluate_edit_separates_exact_and_colliding(facts):
+    world, path, tokenizer, corpus = facts
+    model = _load(path)
+    case = _case(world, tokenizer, model)
+    state = _state(model)
+    index = CorpusIndex(model, tokenizer, corpus, progress=False)
+    result = EngramEditor(model, tokenizer, corpus=index, progress=False).edit(
+        EditRequest(case.prompt, case.target, true_target=case.true_target)
+    )
+    report = result.requests[0].corpus
+    assert 0 < report["positions_reading_edited_rows"] <= report["positions_reachable"] < report["corpus_tokens"]
+    applied = _state(model)
+    request = EditRequest(case.prompt, case.target, paraphrases=case.near + case.far, true_target=case.true_target)
+    # A colliding locality prompt: it holds the edited n-grams in another sentence.
+    collide = f"Scholars say that {case.fact.subject} is"
+    locality = [world.prompt(f) for f in world.facts if f.subject != case.fact.subject][:8] + [collide]
+    ev = evaluate_edit(
+        model,
+        tokenizer,
+        result.patch,
+        [request],
+        neighbours=[case.neighbours],
+        locality=locality,
+        fluency=[_filler()[:800]],
+        generation_tokens=12,
+    )
+    s = ev.summary
+    assert s["efficacy"] == 1.0 and s["efficacy_before"] == 0.0 and s["efficacy_score"] == 1.0
+    assert s["generalisation"] >= 2 / 3  # the near paraphrases share the n-grams; the far one need not
+    # The neighbours read none of the edited rows here, so their scores cannot move at all.
+    assert s["specificity"] == s["specificity_before"]
+    assert s["untouched_bit_identical"] and s["untouched_positions"] > 50
+    assert any(c["prompt"] == collide for c in ev.colliding)
+    assert s["touched_positions"] > 0
+    assert "nll_before" in ev.fluency and "generation_entropy_after" in ev.fluency
+    assert "bit-identical: True" in ev.report()
+    # evaluate_edit leaves the model as it found it
+    assert all(torch.equal(v, applied[k]) for k, v in model.state_dict().items())
+    result.patch.revert(model)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_corpus_reach_is_the_exact_blast_radius(facts):
+    """Every corpus position the index calls unreachable keeps bit-identical logits after the edit."""
+    world, path, tokenizer, corpus = facts
+    model = _load(path)
+    docs = corpus[:24]
+    index = CorpusIndex(model, tokenizer, docs, progress=False)
+    case = _case(world, tokenizer, model)
+    encoded = [tokenizer(d, return_tensors="pt").input_ids for d in docs]
+    with torch.no_grad():
+        before = [model(x).logits for x in encoded]
+    patch = EngramEditor(model, tokenizer, progress=False).edit(EditRequest(case.prompt, case.target)).patch
+    reach = index.reach(patch.rowset())
+    unreachable = changed = 0
+    with torch.no_grad():
+        for x, b in zip(encoded, before):
+            r = reachable(reads(model, patch.rowset(), x))[0]
+            now = model(x).logits
+            unreachable += _check_untouched(model, patch, x, b, now)
+            changed += int((now[0, r] != b[0, r]).any(-1).sum())
+    assert reach["positions_reachable"] == index.n_tokens - unreachable
+    assert changed > 0 and unreachable > 0
+
+
+def test_gate_key_edits_are_dense_and_revert_exactly(facts):
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    original = _state(model)
+    case = _case(world, tokenizer, model)
+    result = EngramEditor(model, tokenizer, edit_keys=True, progress=False).edit(EditRequest(case.prompt, case.target))
+    assert result.requests[0].success
+    assert any("key_proj" in n for n in result.patch.dense_new)
+    ev = evaluate_edit(model, tokenizer, result.patch, locality=[world.prompt(world.facts[-1])])
+    assert ev.summary["untouched_positions"] == 0  # dense: nothing is guaranteed untouched
+    result.patch.revert(model)
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_orders_restrict_rows_and_blast_radius(facts):
+    world, path, tokenizer, corpus = facts
+    model = _load(path)
+    state = _state(model)
+    index = CorpusIndex(model, tokenizer, corpus, progress=False)
+    case = _case(world, tokenizer, model)
+    request = EditRequest(case.prompt, case.target)
+    full = EngramEditor(model, tokenizer, corpus=index, progress=False).plan(request)["requests"][0]
+    top = EngramEditor(model, tokenizer, orders=(3,), corpus=index, progress=False).plan(request)["requests"][0]
+    assert top["rows"] < full["rows"]
+    assert {g["order"] for g in top["ngrams"]} == {3}
+    assert top["corpus"]["positions_reading_edited_rows"] <= full["corpus"]["positions_reading_edited_rows"]
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # planning changes nothing
+
+
+def test_preserve_protects_other_readers_of_the_edited_rows(facts):
+    """Other facts of the subject read the same rows ("of X is" ends the capital, language and
+    currency prompts alike). With a corpus index, preserve=k keeps their predictions closer."""
+    world, path, tokenizer, corpus = facts
+    case = next(c for c in world.counterfactuals(seed=4) if c.fact.relation == "language")
+    sibling = world.prompt(world.fact(case.fact.subject, "capital"))
+    ids = tokenizer(sibling, return_tensors="pt").input_ids
+    drift = {}
+    for preserve in (0, 16):
+        model = _load(path)
+        with torch.no_grad():
+            before = model(ids).logits[0, -1].log_softmax(-1)
+        index = CorpusIndex(model, tokenizer, corpus, progress=False) if preserve else None
+        editor = EngramEditor(model, tokenizer, corpus=index, preserve=preserve, progress=False)
+        result = editor.edit(EditRequest(case.prompt, case.target))
+        assert result.requests[0].success
+        assert bool(reads(model, result.patch.rowset(), ids).any())  # the sibling reads edited rows
+        with torch.no_grad():
+            after = model(ids).logits[0, -1].log_softmax(-1)
+        drift[preserve] = float(torch.nn.functional.kl_div(after, before, log_target=True, reduction="sum"))
+    assert drift[16] < drift[0], drift
+
+
+def _word_tokenizer(words):
+    vocab = {"[UNK]": 0, "[PAD]": 1}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def test_bad_input_gets_clear_messages(facts):
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    case = world.counterfactuals(seed=3)[0]
+    editor = EngramEditor(model, tokenizer, progress=False)
+    with pytest.raises(EditInputError, match="No edit requests"):
+        editor.edit([])
+    with pytest.raises(EditInputError, match="prompt is empty"):
+        editor.edit(EditRequest("  ", case.target))
+    with pytest.raises(EditInputError, match="target is empty"):
+        editor.edit(EditRequest(case.prompt, ""))
+    with pytest.raises(EditInputError, match="needs a 'prompt' and a 'target'"):
+        editor.edit({"prompt": case.prompt})
+    words = _word_tokenizer(case.prompt.split() + ["Nowhere"])
+    with pytest.raises(EditInputError, match=r"does not know \('Blorptania'\)"):
+        EngramEditor(model, words, progress=False).edit(EditRequest("The capital of Blorptania is", " Nowhere"))
+    big = _word_tokenizer([f"w{i}" for i in range(model.config.vocab_size + 5)])
+    with pytest.raises(EditInputError, match="outside the model's vocabulary"):
+        EngramEditor(model, big, progress=False).edit(EditRequest("w1 w2", f" w{model.config.vocab_size + 2}"))
+    # No Engram row to edit: Engram masked, a model without Engram layers, impossible orders.
+    model.engram_mask = True
+    with pytest.raises(EditInputError, match="masked"):
+        EngramEditor(model, tokenizer)
+    model.engram_mask = False
+    from engram_hf import EngramMoEForCausalLM
+
+    with pytest.raises(EditInputError, match="no Engram layers"):
+        EngramEditor(EngramMoEForCausalLM(tiny_config(engram_layer_ids=[])), tokenizer)
+    with pytest.raises(ValueError, match="orders must be n-gram orders in 2..3"):
+        EngramEditor(model, tokenizer, orders=(4,))
+    with pytest.raises(EditInputError, match="empty"):
+        locate(model, tokenizer, "")
+
+
+def test_cli_locate_edit_and_patch_commands(facts, tmp_path, capsys):
+    world, path, tokenizer, corpus = facts
+    case = _case(world, tokenizer, _load(path))
+    corpus_file = tmp_path / "corpus.txt"
+    corpus_file.write_text("\n".join(corpus[:20]), encoding="utf-8")
+    assert cli_main(["locate", str(path), "--text", case.prompt, "--corpus", str(corpus_file)]) == 0
+    assert "gate per branch" in capsys.readouterr().out
+    assert cli_main(["locate", str(path), "--text", case.prompt, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"]
+
+    patch_file = tmp_path / "fix.safetensors"
+    argv = ["edit", str(path), "--prompt", case.prompt, "--target", case.target, "--out", str(patch_file)]
+    assert (
+        cli_main([*argv, "--paraphrase", case.near[0], "--subject", case.fact.subject, "--engram-offload", "disk"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "efficacy (target is the greedy completion): 0.0% -> 100.0%" in out
+    assert patch_file.exists()
+    assert cli_main(["patch", "show", str(patch_file)]) == 0
+    assert case.target in capsys.readouterr().out
+    assert cli_main(["patch", "apply", str(path), str(patch_file), "--out", str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    patched = _load(tmp_path / "ckpt")
+    n = len(_target_ids(tokenizer, case.target))
+    assert _greedy(patched, tokenizer, case.prompt, n) == _target_ids(tokenizer, case.target)
+    assert cli_main(["patch", "stack", str(patch_file), str(patch_file), "--out", str(tmp_path / "s.safetensors")]) == 1
+    assert "not made on top" in capsys.readouterr().err
+    assert cli_main(["patch", "revert", str(path), str(patch_file), "--out", str(tmp_path / "r")]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("engram-hf patch: error:") and "new values" in last
+    assert cli_main(["edit", str(path), "--prompt", case.prompt, "--target", ""]) == 1
+    assert "target is empty" in capsys.readouterr().err
+    assert cli_main(["patch", "show", str(path / "config.json")]) == 1
+    assert "not a safetensors file" in capsys.readouterr().err
