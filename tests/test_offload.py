@@ -95,6 +95,33 @@ def test_offloaded_model_has_no_table_parameters_and_saves_by_streaming(ckpt, tm
         assert torch.equal(engram.table.weight, original.engram_layers()[layer].table.weight)
 
 
+@pytest.mark.parametrize("tier", ["cpu", "disk"])
+def test_table_files_never_reach_transformers_loader(ckpt, tmp_path, tier, monkeypatch):
+    """transformers memory-maps every file it is given, copy-on-write: a table file larger than RAM
+    fails there (ENOMEM) although its keys are skipped. Offloaded tables' own files must not go."""
+    import transformers.modeling_utils as mu
+
+    streamed = tmp_path / "streamed"
+    EngramMoEForCausalLM.from_pretrained(ckpt, engram_offload="disk").save_pretrained(streamed)
+    table_files = {p.name for p in streamed.glob("*.safetensors") if "table" in p.name}
+    assert table_files, "the streamed checkpoint keeps its tables in files of their own"
+    opened = []
+    real = mu.safe_open
+
+    def recording(file, *args, **kwargs):
+        opened.append(os.path.basename(file))
+        return real(file, *args, **kwargs)
+
+    monkeypatch.setattr(mu, "safe_open", recording)
+    model = EngramMoEForCausalLM.from_pretrained(streamed, engram_offload=tier)
+    assert opened and not table_files & set(opened)
+    resident = EngramMoEForCausalLM.from_pretrained(streamed)
+    assert table_files <= set(opened)  # resident tables are loaded by transformers, as before
+    ids, mask = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, resident(ids, attention_mask=mask).logits)
+
+
 def test_offloaded_model_with_patched_rows_refuses_to_save(ckpt, tmp_path):
     m = EngramMoEForCausalLM.from_pretrained(ckpt, engram_offload="cpu")
     m.engram_layers()[0].write_rows(torch.tensor([3]), torch.zeros(1, 8))

@@ -90,6 +90,22 @@ def checkpoint_tables(path, **kwargs) -> dict[int, TableInfo]:
     return tables
 
 
+def without_table_files(files) -> list:
+    """``files`` less those holding nothing but Engram tables (read from their headers).
+
+    transformers memory-maps every checkpoint file it loads, copy-on-write, which reserves commit
+    charge for the whole file: a table larger than RAM fails to load (ENOMEM) even though its keys
+    would be skipped. An offloaded or sharded table is opened by its row store instead, so its
+    file need not reach transformers at all. A file that also holds other weights stays."""
+    kept = []
+    for file in files:
+        header, _ = safetensors_header(file)
+        keys = [k for k in header if k != "__metadata__"]
+        if not keys or not all(_TABLE_KEY.search(k) for k in keys):
+            kept.append(file)
+    return kept
+
+
 def _available_ram() -> int:
     import psutil
 

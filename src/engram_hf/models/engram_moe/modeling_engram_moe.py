@@ -31,7 +31,7 @@ from engram_hf.memory.cache import engram_inputs
 from engram_hf.memory.compression import TokenCompressor
 from engram_hf.memory.engram import EngramMemory
 from engram_hf.memory.hashing import HashBuffers, HashContract
-from engram_hf.offload.loading import engram_from_pretrained
+from engram_hf.offload.loading import engram_from_pretrained, without_table_files
 
 from .configuration_engram_moe import EngramMoEConfig
 
@@ -408,6 +408,14 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
                 add_streamed_tables(tmp, {key: e.table.store.rows for key, e in offloaded.items()})
 
         return atomic_save_pretrained(write, save_directory)
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs):
+        # Offloaded and sharded tables are read by their row stores: keep files holding only tables
+        # away from transformers, which would memory-map them whole (and fail beyond RAM).
+        if checkpoint_files and (model.config.engram_offload or model.config.engram_shard):
+            checkpoint_files = without_table_files(checkpoint_files)
+        return PreTrainedModel._load_pretrained_model(model, state_dict, checkpoint_files, load_config, *args, **kwargs)
 
     @classmethod
     def from_pretrained(
