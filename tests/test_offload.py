@@ -252,6 +252,27 @@ def test_disk_table_changed_after_load_fails_clearly(ckpt, tmp_path, change):
         model(ids, attention_mask=mask)
 
 
+def test_host_tier_holds_its_own_copy_of_the_table(ckpt, tmp_path):
+    """engram_offload="cpu" reads the table into RAM once: a copy-on-write map of the file would fault
+    a page in on every first touch and would show the file's later changes through its rows."""
+    import shutil
+
+    local = tmp_path / "ckpt"
+    shutil.copytree(ckpt, local)
+    model = EngramMoEForCausalLM.from_pretrained(local, engram_offload="cpu").eval()
+    (layer, engram), *_ = model.engram_layers().items()
+    rows = torch.arange(engram.table.store.num_rows)
+    before = engram.read_rows(rows).clone()
+    weights = local / "model.safetensors"
+    with open(weights, "r+b") as f:  # in place: the same inode, every byte of the data changed
+        header = struct.unpack("<Q", f.read(8))[0]
+        f.seek(8 + header)
+        data = f.read()
+        f.seek(8 + header)
+        f.write(bytes(255 - b for b in data))
+    assert torch.equal(engram.read_rows(rows), before)
+
+
 def test_corrupt_safetensors_header_names_the_file(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}")

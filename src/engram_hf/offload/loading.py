@@ -158,7 +158,13 @@ def open_store(info: TableInfo, tier: str):
     from safetensors import safe_open
 
     with safe_open(info.file, framework="pt") as f:
-        return HostRowStore(f.get_tensor(info.key))
+        return HostRowStore(_in_ram(f.get_tensor(info.key)))
+
+
+def _in_ram(mapped: torch.Tensor) -> torch.Tensor:
+    """A copy in RAM of a tensor safetensors handed back. It may be a copy-on-write map of the file:
+    every first touch of a row would then fault a page in, and a rewritten file would show through."""
+    return torch.empty(mapped.shape, dtype=mapped.dtype).copy_(mapped)
 
 
 def execution_device(model) -> torch.device:
@@ -180,7 +186,7 @@ def open_shard_store(info: TableInfo, tier: str | None, row_range: tuple[int, in
     from safetensors import safe_open
 
     with safe_open(info.file, framework="pt") as f:
-        rows = f.get_slice(info.key)[row_range[0] : row_range[1]]
+        rows = _in_ram(f.get_slice(info.key)[row_range[0] : row_range[1]])
     if tier is None:
         return HostRowStore(rows.to(device), pin=False)
     return HostRowStore(rows)
