@@ -1,7 +1,7 @@
 """Whole-model training steps with Engram tables of growing size, resident or offloaded, side by side.
 
     python benchmarks/bench_train.py                      # 10k and 10.34M rows, every tier and optimizer
-    python benchmarks/bench_train.py --sizes 625 646400 6250000 --tiers disk   # add 100M rows (disk only)
+    python benchmarks/bench_train.py --sizes 625 646400 6250000    # add 100M rows (disk tier only: RAM)
     python benchmarks/bench_train.py --moonshot           # tables + optimizer state larger than RAM
 
 Setting (the issue's): EngramMoE, hidden 256, 4 layers, one Engram layer (2- and 3-grams x 8 heads,
@@ -11,7 +11,8 @@ Setting (the issue's): EngramMoE, hidden 256, 4 layers, one Engram layer (2- and
 Per setting it reports the median step time after warm-up, the first steps' times (a lazily
 allocated optimizer state shows up there), minor page faults per step and the process RSS. Ratios
 compare each setting with the 10k-row table of the same tier and optimizer, measured in the same
-run. Offloaded tables are created with ``save_new_checkpoint`` (written block by block) and loaded
+run. Last, the resident 10k- and 10.34M-row tables train in alternation, step by step on the same
+batches (``paired_resident``): the ratio to trust on a shared machine. Offloaded tables are created with ``save_new_checkpoint`` (written block by block) and loaded
 with ``engram_offload``; disk training writes its changed rows and state to work files.
 """
 
@@ -59,6 +60,7 @@ def parse_args(argv=None):
     p.add_argument("--optimizers", nargs="+", default=["adagrad", "adam"], choices=["adagrad", "adam", "dense"])
     p.add_argument("--steps", type=int, default=12, help="measured steps per setting")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--paired-steps", type=int, default=40, help="steps of the alternating resident comparison")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
@@ -150,6 +152,44 @@ def run_setting(args, tokenizer, texts, base, tier, optimizer, work: Path) -> di
     del model, opt
     gc.collect()
     shutil.rmtree(setting_dir, ignore_errors=True)
+    return out
+
+
+def paired(args, tokenizer, texts) -> dict:
+    """Resident 10k-row against 10.34M-row tables, one step of each in turn on the same batches.
+
+    The settings above run one after another, so a noisy neighbour on a shared machine can land on
+    one of them only; alternating steps puts both under the same conditions, for the ratio."""
+    out = {}
+    small, big = (
+        min(args.sizes),
+        max(b for b in args.sizes if 2 * 8 * b * ROW_BYTES * 3 < 0.8 * psutil.virtual_memory().total),
+    )
+    for optimizer in args.optimizers:
+        runs = {}
+        for base in (small, big):
+            torch.manual_seed(0)
+            model = EngramMoEForCausalLM(config_for(base, len(tokenizer), tokenizer.eos_token_id)).train()
+            runs[base] = (model, build_optimizer(model, lr=1e-3, table_optimizer=optimizer), [])
+        for ids in batches(tokenizer, texts, args.batch, args.seq, args.warmup + args.paired_steps):
+            for model, opt, times in runs.values():
+                t = time.perf_counter()
+                model(ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad()
+                times.append(time.perf_counter() - t)
+        med = {base: statistics.median(times[args.warmup :]) for base, (_, _, times) in runs.items()}
+        out[optimizer] = {
+            "table_rows": {str(base): 2 * 8 * base for base in runs},
+            "step_ms_median": {str(base): med[base] * 1e3 for base in runs},
+            "first_steps_ms": {
+                str(base): [t * 1e3 for t in times[: args.warmup + 3]] for base, (_, _, times) in runs.items()
+            },
+            "ratio_big_vs_small": med[small] / med[big],
+        }
+        print("paired", optimizer, {k: v for k, v in out[optimizer].items() if k != "first_steps_ms"}, flush=True)
+        del runs
+        gc.collect()
     return out
 
 
@@ -274,6 +314,8 @@ def main(argv=None):
                             small["step_ms_median"] / p["step_ms_median"]
                         )
             report["throughput_ratio_vs_smallest_table"] = ratios
+            if "resident" in args.tiers and args.paired_steps > 0:
+                report["paired_resident"] = paired(args, tokenizer, texts)
             report["plot"] = plot(series, args.plot)
     finally:
         if args.work is None:
