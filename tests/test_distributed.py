@@ -219,3 +219,60 @@ def test_rank_failing_mid_save_leaves_the_previous_checkpoint(ckpt, tmp_path):
 def test_sharding_without_a_process_group_is_refused(ckpt):
     with pytest.raises(RuntimeError, match="torchrun or accelerate launch"):
         AutoModelForCausalLM.from_pretrained(ckpt, engram_shard=True)
+
+
+# ---------------------------------------------------------------------------------------- optimizer state
+def _state_worker(rank, world, ckpt, out, mode, state="state"):
+    """``mode="save"``: one step, then save the optimizer state per rank. ``"load"``: restore it (saved
+    by another number of ranks). Either way, dump the state rows this rank holds."""
+    from engram_hf.optim import build_optimizer
+
+    model = AutoModelForCausalLM.from_pretrained(ckpt, engram_shard=True).train()
+    opt = build_optimizer(model, lr=1e-2, table_optimizer="adam", offload_dir=f"{out}/work{rank}")
+    if mode == "save":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = _batch(rank)
+        wrapped = DDP(model, find_unused_parameters=True)  # held: DDP's backward hooks need it alive
+        wrapped(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.save_offloaded_state(f"{out}/{state}")
+    else:
+        opt.load_offloaded_state(f"{out}/{state}")
+    dump = {
+        f"{name}{i}": arr.tensor.clone()
+        for i, e in model.engram_layers().items()
+        for name, arr in e.table.store.states.items()
+    }
+    save_file(dump, f"{out}/{mode}-{state}-rank{rank}.safetensors")
+
+
+@pytest.mark.parametrize("saved,resumed", [(2, 3), pytest.param(3, 2, marks=pytest.mark.slow)])
+def test_optimizer_state_resumes_on_another_number_of_ranks(ckpt, tmp_path, saved, resumed):
+    from engram_hf.optim import build_optimizer
+
+    _spawn(_state_worker, saved, str(ckpt), str(tmp_path), "save")
+    expected = _assemble([tmp_path / f"save-state-rank{r}.safetensors" for r in range(saved)])
+    assert any(v.abs().sum() > 0 for v in expected.values()), "the step wrote some state"
+    _spawn(_state_worker, resumed, str(ckpt), str(tmp_path), "load")
+    got = _assemble([tmp_path / f"load-state-rank{r}.safetensors" for r in range(resumed)])
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), k
+    # ... and in one process, unsharded, with the table in host RAM.
+    model = AutoModelForCausalLM.from_pretrained(ckpt, engram_offload="cpu").train()
+    opt = build_optimizer(model, lr=1e-2, table_optimizer="adam", offload_dir=tmp_path / "one")
+    opt.load_offloaded_state(tmp_path / "state")
+    for i, e in model.engram_layers().items():
+        for name, arr in e.table.store.states.items():
+            assert torch.equal(arr.tensor, expected[f"{name}{i}"]), (name, i)
+    # ... saved from there (one file per table), it resumes sharded again.
+    opt.save_offloaded_state(tmp_path / "whole")
+    _spawn(_state_worker, resumed, str(ckpt), str(tmp_path), "load", "whole")
+    got = _assemble([tmp_path / f"load-whole-rank{r}.safetensors" for r in range(resumed)])
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    # A missing rank file is refused, naming what was found.
+    (tmp_path / "state" / next(p.name for p in (tmp_path / "state").glob("*rank0*"))).unlink()
+    opt = build_optimizer(model, lr=1e-2, table_optimizer="adam", offload_dir=tmp_path / "two")
+    with pytest.raises(FileNotFoundError, match=f"no single complete set.*{saved - 1} of {saved} rank files"):
+        opt.load_offloaded_state(tmp_path / "state")

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -352,31 +353,42 @@ class EngramOptimizer(torch.optim.Optimizer):
         return written
 
     def load_offloaded_state(self, directory) -> None:
-        """Restore what ``save_offloaded_state`` wrote, into each table's state arrays."""
+        """Restore what ``save_offloaded_state`` wrote, into each table's state arrays.
+
+        The saved layout need not match this one: state saved by N ranks resumes on M ranks or in
+        one process, and the reverse. Each table reads, from whichever saved files hold them, the
+        global rows it now owns."""
         from safetensors import safe_open
 
         directory = Path(directory)
         for index, (anchor, table) in self.offloaded_tables().items():
-            path = directory / _state_file(index, table)
             kind = next(g["kind"] for g in self.param_groups if any(p is anchor for p in g["params"]))
-            if not path.exists():
+            sources = _state_sources(directory, index, table)
+            if not sources:
                 if self.state[anchor].get("offloaded"):
                     raise FileNotFoundError(
-                        f"{path} is missing: the checkpoint lacks an offloaded table's optimizer state."
+                        f"{directory / _state_file(index, table)} is missing: the checkpoint lacks an offloaded "
+                        "table's optimizer state."
                     )
                 continue
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("table") != table.describe():
-                    raise ValueError(f"{path} holds state for {meta.get('table')}, not for {table.describe()}.")
-                arrays = self._row_state(anchor, kind)
-                for name, target in arrays.items():
-                    block = 1 << 16
-                    sl = f.get_slice(name)
-                    for start in range(0, table.shape[0], block):
-                        stop = min(start + block, table.shape[0])
-                        target.write(torch.arange(start, stop), sl[start:stop])
-            self.state[anchor]["step"] = torch.tensor(float(json.loads(meta["step"])))
+            start, stop = _global_rows(table)
+            arrays = self._row_state(anchor, kind)
+            steps = set()
+            for path, (first, last), expected in sources:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    if meta.get("table") != expected:
+                        raise ValueError(f"{path} holds state for {meta.get('table')}, not for {expected}.")
+                    steps.add(meta["step"])
+                    lo, hi = max(first, start), min(last, stop)
+                    for name, target in arrays.items():
+                        sl = f.get_slice(name)
+                        for a in range(lo, hi, 1 << 16):
+                            b = min(a + (1 << 16), hi)
+                            target.write(torch.arange(a - start, b - start), sl[a - first : b - first])
+            if len(steps) != 1:
+                raise ValueError(f"The optimizer state files of table {index} in {directory} are from different steps.")
+            self.state[anchor]["step"] = torch.tensor(float(json.loads(steps.pop())))
             self.state[anchor]["offloaded"] = _store_token(table)
             self._unrestored.discard(id(anchor))
 
@@ -387,6 +399,66 @@ def _state_file(index: int, table) -> str:
     if sharding is not None:
         return f"engram-optimizer-{index}-rank{sharding.rank}-of-{sharding.world_size}.safetensors"
     return f"engram-optimizer-{index}.safetensors"
+
+
+_RANK_FILE = re.compile(r"^engram-optimizer-(\d+)-rank(\d+)-of-(\d+)\.safetensors$")
+
+
+def _global_rows(table) -> tuple[int, int]:
+    """The table's rows as global row ids ``[start, stop)``: a shard's range, or the whole table."""
+    sharding = getattr(table, "sharding", None)
+    return (sharding.start, sharding.stop) if sharding is not None else (0, table.num_embeddings)
+
+
+def _describe_rows(table, rows: tuple[int, int] | None) -> str:
+    """How the table that saved a state file described itself: a shard holding global ``rows``, or
+    (``None``) an unsharded table."""
+    size = f"{table.num_embeddings}x{table.embedding_dim}"
+    return (
+        f"layer {table.layer}: {size}"
+        if rows is None
+        else f"layer {table.layer}: rows [{rows[0]}, {rows[1]}) of {size}"
+    )
+
+
+def _state_sources(directory: Path, index: int, table) -> list[tuple[Path, tuple[int, int], str]]:
+    """Saved state files of table ``index`` that hold rows this table owns, with the global rows
+    each holds and how its table described itself: this layout's own file if present, else the one
+    complete saved layout there is (one process, or every rank of one world size). Row ranges
+    follow ``RowSharding``, as the saving ranks did."""
+    from ..distributed.sharding import RowSharding
+
+    start, stop = _global_rows(table)
+    own = directory / _state_file(index, table)
+    if own.exists():
+        return [(own, (start, stop), table.describe())]
+    layouts: dict[str, list] = {}
+    whole = directory / f"engram-optimizer-{index}.safetensors"
+    if whole.exists():
+        layouts["one process"] = [(whole, (0, table.num_embeddings), _describe_rows(table, None))]
+    ranks: dict[int, dict[int, Path]] = {}
+    for path in directory.glob(f"engram-optimizer-{index}-rank*-of-*.safetensors"):
+        m = _RANK_FILE.match(path.name)
+        if m and int(m.group(1)) == index:
+            ranks.setdefault(int(m.group(3)), {})[int(m.group(2))] = path
+    incomplete = []
+    for world, files in sorted(ranks.items()):
+        if sorted(files) != list(range(world)):
+            incomplete.append(f"{len(files)} of {world} rank files")
+            continue
+        layouts[f"{world} ranks"] = []
+        for rank, path in sorted(files.items()):
+            s = RowSharding(table.num_embeddings, world, rank)
+            layouts[f"{world} ranks"].append((path, (s.start, s.stop), _describe_rows(table, (s.start, s.stop))))
+    if not layouts and not incomplete:
+        return []
+    if len(layouts) != 1:
+        found = ", ".join([*layouts, *incomplete])
+        raise FileNotFoundError(
+            f"{directory} holds no single complete set of optimizer state files for table {index} (found: {found})."
+        )
+    (sources,) = layouts.values()
+    return [(path, rows, described) for path, rows, described in sources if rows[0] < stop and start < rows[1]]
 
 
 def _store_token(table) -> int:
