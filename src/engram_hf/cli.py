@@ -194,7 +194,7 @@ def _load_for_editing(args):
     """The model (tables on the tier asked for) and its tokenizer, for the editing commands."""
     from transformers import AutoModelForCausalLM
 
-    from .training.run import load_tokenizer
+    from .training.tokenizer import load_tokenizer
 
     tier = None if args.engram_offload == "none" else args.engram_offload
     model = AutoModelForCausalLM.from_pretrained(args.model, engram_offload=tier).eval()

@@ -11,7 +11,7 @@ from .adapter import EngramAdapter
 from .attachment import EngramAttachment, attach_engram, attachment_of, detach_engram
 from .auto import AutoEngramForCausalLM, EngramAttachedConfig, EngramAttachedForCausalLM
 from .backbone import UnsupportedModelError
-from .io import load_engram
+from .load import load_engram
 from .spec import EngramSpec
 
 

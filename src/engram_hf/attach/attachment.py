@@ -21,6 +21,7 @@ state follows it through ``generate``, beam search and padding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from dataclasses import dataclass, field
 
@@ -31,11 +32,10 @@ from ..compat import gradient_checkpointing_drops_cache
 from ..memory.cache import engram_inputs
 from ..ops.inputs import EngramInputs
 from .adapter import EngramAdapter, build_adapter, compression_for, place_adapter
-from .backbone import CACHE_ARG_NAMES, Backbone, find_backbone
+from .backbone import ATTR, CACHE_ARG_NAMES, Backbone, find_backbone
 from .cache import prepare_engram_cache
+from .io import merged_save_pretrained, save_adapter
 from .spec import EngramSpec
-
-ATTR = "engram"
 
 
 @dataclass
@@ -333,8 +333,6 @@ class EngramAttachment(nn.Module):
     def save_adapter(self, save_directory, name: str | None = None) -> None:
         """Save one adapter (the active one by default) apart from the base: ``engram_config.json`` and
         ``engram.safetensors``, written atomically. ``engram_hf.load_engram(model, path)`` loads it."""
-        from .io import save_adapter
-
         name = self.active_adapter if name is None else name
         save_adapter(self.adapter(name), name, self.backbone, save_directory)
 
@@ -368,10 +366,9 @@ def _install_attachment(model, backbone: Backbone, freeze_base: bool) -> EngramA
     attachment.install()
     if freeze_base:
         attachment.freeze_base()
-    from .io import merged_save_pretrained
-
     # The model's own save writes a merged Engram checkpoint (loadable with AutoModelForCausalLM).
-    attachment.override("save_pretrained", types.MethodType(merged_save_pretrained, model))
+    save = functools.partial(merged_save_pretrained, attachment=attachment)
+    attachment.override("save_pretrained", types.MethodType(save, model))
     # Engram's conv and n-gram states cannot be rolled back, so assisted decoding must refuse.
     attachment.override("_is_stateful", True)
     return attachment

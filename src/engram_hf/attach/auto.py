@@ -17,45 +17,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..offload.loading import hub_kwargs
 from .attachment import attach_engram, attachment_of
-from .io import CONFIG_FILE, _read_adapter_config, attach_merged_adapters, ignoring_engram_keys, load_engram
+from .config import EngramAttachedConfig
+from .io import CONFIG_FILE, _read_adapter_config, ignoring_engram_keys
+from .load import attach_merged_adapters, load_engram
 from .spec import EngramSpec
-
-
-class EngramAttachedConfig(PreTrainedConfig):
-    r"""The ``config.json`` of a merged Engram-attached checkpoint.
-
-    Args:
-        base_config: the base model's config, as its own ``config.json`` holds it.
-        engram: ``{"active_adapter": name, "adapters": {name: {"spec": ..., "fingerprint": ...}}}``.
-        engram_offload: where the tables live at run time (None, "cpu" or "disk"); never saved.
-    """
-
-    model_type = "engram_attached"
-
-    def __init__(self, base_config: dict | None = None, engram: dict | None = None, engram_offload=None, **kwargs):
-        self.base_config = dict(base_config) if base_config else {}
-        self.engram = dict(engram) if engram else {}
-        self.engram_offload = engram_offload
-        super().__init__(**kwargs)
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out.pop("engram_offload", None)
-        return out
-
-    def base_model_config(self) -> PreTrainedConfig:
-        model_type = self.base_config.get("model_type")
-        if model_type not in CONFIG_MAPPING:
-            raise ValueError(
-                f"The base model type {model_type!r} of this Engram checkpoint is not known to transformers "
-                f"{__import__('transformers').__version__}."
-            )
-        return CONFIG_MAPPING[model_type].from_dict(dict(self.base_config))
 
 
 def _causal_lm_class(base_config: PreTrainedConfig):

@@ -21,6 +21,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 # Attention kinds whose cache layers can carry Engram's state beside their keys and values.
+# The attribute of the base model that holds the attachment (``model.engram``).
+ATTR = "engram"
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
 # Names transformers' decoder layers give the cache argument (5.24, 5.23, older GPT-style blocks).
 CACHE_ARG_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past")

@@ -26,13 +26,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..offload.loading import TableInfo, check_table_memory, checkpoint_files, hub_kwargs, open_store
+from ..offload.loading import TableInfo, check_table_memory, open_store
 from ..offload.stores import safetensors_header
 from ..offload.tiers import check_cache_rows, check_tier
 from ..utils import atomic_save_pretrained, atomic_write_dir
 from .adapter import EngramAdapter, place_adapter
-from .attachment import ATTR, attach_adapter, attachment_of
-from .backbone import Backbone, find_backbone
+from .backbone import ATTR, Backbone
 from .spec import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, EngramSpec
 
 CONFIG_FILE = "engram_config.json"
@@ -207,48 +206,8 @@ def check_base_matches(meta: dict, backbone: Backbone, where: str) -> None:
             )
 
 
-def load_engram(
-    model,
-    path,
-    adapter_name: str | None = None,
-    *,
-    engram_offload: str | None = None,
-    engram_cache_rows: int = 0,
-    activate: bool = True,
-    freeze_base: bool = True,
-    dtype: torch.dtype | None = None,
-):
-    """Load a saved Engram adapter onto ``model`` (attaching Engram if it has none); returns ``model``.
-
-    ``adapter_name`` defaults to the saved name. ``engram_offload="cpu" | "disk"`` keeps the tables
-    in RAM or memory-mapped from the adapter file (inference; ``engram_cache_rows=N`` caches hot rows).
-    """
-    path = Path(path)
-    meta = _read_adapter_config(path)
-    where = f" at {path}"
-    backbone = attachment_of(model).backbone if attachment_of(model) is not None else find_backbone(model)
-    check_base_matches(meta, backbone, where)
-    spec = EngramSpec.from_dict(meta["spec"])
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{path} has no {WEIGHTS_FILE}.")
-    adapter = load_adapter_weights(
-        spec,
-        TensorSource([weights]),
-        backbone,
-        fingerprint=meta.get("fingerprint"),
-        engram_offload=engram_offload,
-        engram_cache_rows=engram_cache_rows,
-        dtype=dtype,
-        where=where,
-    )
-    attach_adapter(model, adapter_name or meta["adapter_name"], adapter, freeze_base=freeze_base, activate=activate)
-    return model
-
-
 # ---------------------------------------------------------------------------- merged checkpoints
-def merged_engram_section(model) -> dict:
-    attachment = attachment_of(model)
+def merged_engram_section(attachment) -> dict:
     return {
         "format_version": ADAPTER_FORMAT_VERSION,
         "active_adapter": attachment.active_adapter,
@@ -258,23 +217,21 @@ def merged_engram_section(model) -> dict:
     }
 
 
-def merged_save_pretrained(model, save_directory, *args, **kwargs):
-    """``save_pretrained`` of an Engram-attached model (installed on the instance by ``attach_engram``):
-    the base class's save, every weight included, then an ``engram_attached`` ``config.json``.
-    Atomic like every save here; files already in the directory (a tokenizer) are kept."""
+def merged_save_pretrained(model, save_directory, *args, attachment, **kwargs):
+    """``save_pretrained`` of an Engram-attached model (installed on the instance by ``attach_engram``,
+    with its ``attachment``): the base class's save, every weight included, then an
+    ``engram_attached`` ``config.json``. Atomic like every save here; files already in the
+    directory (a tokenizer) are kept."""
     base_save = type(model).save_pretrained
-    attachment = attachment_of(model)
-    if attachment is None:
-        return base_save(model, save_directory, *args, **kwargs)
     for name, adapter in attachment.adapters.items():
         _check_saveable(adapter, name)
     if kwargs.get("push_to_hub"):
         raise ValueError("Save the Engram-attached model locally, then upload the folder (push_to_hub is not atomic).")
     if not kwargs.get("is_main_process", True):
         return None
-    from .auto import EngramAttachedConfig
+    from .config import EngramAttachedConfig
 
-    engram = merged_engram_section(model)
+    engram = merged_engram_section(attachment)
 
     def write(tmp: Path) -> None:
         base_save(model, tmp, *args, **kwargs)
@@ -305,26 +262,3 @@ def ignoring_engram_keys(model_class):
                 model_class._keys_to_ignore_on_load_unexpected = previous
             else:
                 del model_class._keys_to_ignore_on_load_unexpected
-
-
-def attach_merged_adapters(
-    model, path, engram: dict, *, engram_offload=None, engram_cache_rows=0, freeze_base=True, **kwargs
-):
-    """Attach the adapters listed in a merged checkpoint's config, weights read from its files."""
-    files = checkpoint_files(path, **hub_kwargs(kwargs))
-    if not files:
-        raise FileNotFoundError(f"{path} holds no safetensors weights for its Engram adapters.")
-    backbone = find_backbone(model)
-    active = engram.get("active_adapter")
-    for name, entry in engram.get("adapters", {}).items():
-        adapter = load_adapter_weights(
-            EngramSpec.from_dict(entry["spec"]),
-            TensorSource(files, prefix=f"{MERGED_PREFIX}{name}."),
-            backbone,
-            fingerprint=entry.get("fingerprint"),
-            engram_offload=engram_offload,
-            engram_cache_rows=engram_cache_rows,
-            where=f" (adapter {name!r} in {path})",
-        )
-        attach_adapter(model, name, adapter, freeze_base=freeze_base, activate=name == active)
-    return model

@@ -41,7 +41,7 @@ def check_base_spec(spec) -> EngramSpec:
 
 def run_attach_training(spec, texts: list[str], eval_texts: list[str] | None = None) -> dict:
     """Train Engram (and LoRA when ``spec.lora_r``) on ``texts`` on top of the base at ``spec.base``."""
-    from .run import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     engram_spec = check_base_spec(spec)
     out = Path(spec.out_dir)

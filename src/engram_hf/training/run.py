@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, TrainingArguments, default_data_collator, set_seed
+from transformers import TrainingArguments, default_data_collator, set_seed
 
 from ..memory import build_compression_table, compressed_vocab_size
 from ..model_card import render_model_card
@@ -22,7 +22,7 @@ from ..presets import PRESETS, preset_config
 from ..utils import atomic_write_dir, atomic_write_file
 from .data import pack_texts
 from .plots import plot_loss_curve
-from .tokenizer import train_bpe_tokenizer
+from .tokenizer import load_tokenizer, train_bpe_tokenizer
 from .trainer import EngramTrainer
 
 
@@ -129,25 +129,6 @@ def load_model_config(spec: TrainSpec, _check_only: bool = False, **token_fields
         return None
     fields = {k: v for k, v in fields.items() if k not in _SAVED_CONFIG_KEYS}
     return EngramMoEConfig(**{**fields, **token_fields, **spec.config_overrides})
-
-
-def load_tokenizer(name_or_path: str):
-    """A tokenizer from a local directory (checked first, so a typo is not sent to the hub as a repo
-    id) or a hub name."""
-    path = Path(name_or_path).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ValueError(f"Tokenizer path {path} is a file; give the directory that holds tokenizer files.")
-        return AutoTokenizer.from_pretrained(str(path))
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
-        raise FileNotFoundError(f"Tokenizer directory {path} does not exist.")
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as e:
-        raise OSError(
-            f"No local directory {name_or_path!r}, and it could not be loaded as a hub tokenizer either "
-            f"(offline, or no such repo): {str(e).splitlines()[0]}"
-        ) from None
 
 
 def prepare_tokenizer(spec: TrainSpec, texts: list[str]):

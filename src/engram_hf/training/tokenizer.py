@@ -1,11 +1,13 @@
-"""Train a byte-level BPE tokenizer with `tokenizers`, wrapped as a transformers fast tokenizer."""
+"""Tokenizers for training: a byte-level BPE trained with `tokenizers` (wrapped as a transformers fast
+tokenizer), or an existing one loaded from a directory or the hub."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 
@@ -26,3 +28,22 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrai
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS)
+
+
+def load_tokenizer(name_or_path: str):
+    """A tokenizer from a local directory (checked first, so a typo is not sent to the hub as a repo
+    id) or a hub name."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"Tokenizer path {path} is a file; give the directory that holds tokenizer files.")
+        return AutoTokenizer.from_pretrained(str(path))
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise FileNotFoundError(f"Tokenizer directory {path} does not exist.")
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except OSError as e:
+        raise OSError(
+            f"No local directory {name_or_path!r}, and it could not be loaded as a hub tokenizer either "
+            f"(offline, or no such repo): {str(e).splitlines()[0]}"
+        ) from None
