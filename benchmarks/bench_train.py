@@ -12,8 +12,9 @@ Per setting it reports the median step time after warm-up, the first steps' time
 allocated optimizer state shows up there), minor page faults per step and the process RSS. Ratios
 compare each setting with the 10k-row table of the same tier and optimizer, measured in the same
 run. Last, the resident 10k- and 10.34M-row tables train in alternation, step by step on the same
-batches (``paired_resident``): the ratio to trust on a shared machine. Offloaded tables are created with ``save_new_checkpoint`` (written block by block) and loaded
-with ``engram_offload``; disk training writes its changed rows and state to work files.
+batches (``paired_resident``): the ratio to trust on a shared machine. Offloaded tables are
+created with ``save_new_checkpoint`` (written block by block) and loaded with ``engram_offload``;
+disk training writes its changed rows and state to work files.
 """
 
 from __future__ import annotations
