@@ -76,6 +76,9 @@ def test_demo_job_end_to_end(tmp_path):
     assert "EngramMoE (tiny)" in card and "{" not in card.split("```")[0]
     png = tmp_path / "demo" / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The run is built in a temp dir and moved: the summary names the paths where they ended up.
+    assert summary["spec"]["out_dir"] == str(tmp_path / "demo") and "display_dir" not in summary["spec"]
+    assert summary["loss_curve"] == str(png) and summary["model_dir"] == str(tmp_path / "demo" / "model")
 
 
 def test_failed_demo_leaves_nothing_that_looks_like_success(tmp_path, monkeypatch, capsys):

@@ -289,8 +289,13 @@ def run_training(
     if eval_before is not None:
         history = [{"step": 0, "eval_loss": eval_before}, *history]
     plot = plot_loss_curve(history, out / "loss_curve.png", title=f"EngramMoE {spec.config}")
+    # Paths as the user will find them: a run built in a temp dir is moved to display_dir after.
+    shown_spec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}
+    if spec.display_dir:
+        shown_spec["out_dir"] = shown_spec.pop("display_dir")
+        plot = Path(spec.display_dir) / Path(plot).name if plot else plot
     summary = {
-        "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()},
+        "spec": shown_spec,
         "parameters": n_params,
         "engram_table_parameters": base_model.engram_table_parameters(),
         "vocab_size": len(tokenizer),
