@@ -13,14 +13,14 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import AutoModelForCausalLM, Trainer, default_data_collator, set_seed
 
 from ..attach import EngramSpec, attach_engram
 from ..attach.training import EngramCheckpointCallback, add_lora
 from ..optim import build_optimizer
 from ..utils import atomic_write_dir, atomic_write_file
-from .data import pack_texts
+from .arguments import training_arguments
+from .data import train_and_eval_sets
 from .plots import plot_loss_curve
 
 
@@ -54,15 +54,7 @@ def run_attach_training(spec, texts: list[str], eval_texts: list[str] | None = N
     model = AutoModelForCausalLM.from_pretrained(spec.base)
     attach_engram(model, engram_spec, tokenizer, freeze_base=not spec.train_base)
     base_model = model
-    data = pack_texts(tokenizer, texts, spec.block_size)
-    if eval_texts is not None:
-        eval_set, train_set = pack_texts(tokenizer, eval_texts, spec.block_size), data
-    else:
-        n_eval = max(1, int(len(data) * spec.eval_fraction)) if spec.eval_fraction > 0 else 0
-        if len(data) - n_eval < 1:
-            raise ValueError(f"Only {len(data)} blocks of {spec.block_size} tokens: not enough text to train on.")
-        eval_set = torch.utils.data.Subset(data, range(n_eval)) if n_eval else None
-        train_set = torch.utils.data.Subset(data, range(n_eval, len(data)))
+    train_set, eval_set = train_and_eval_sets(tokenizer, texts, eval_texts, spec.block_size, spec.eval_fraction)
     callbacks = []
     if spec.lora_r:
         targets = list(spec.lora_targets) if spec.lora_targets else "all-linear"
@@ -75,28 +67,7 @@ def run_attach_training(spec, texts: list[str], eval_texts: list[str] | None = N
         weight_decay=spec.weight_decay,
         table_optimizer=spec.table_optimizer,
     )
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
-        max_steps=spec.steps,
-        per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size,
-        learning_rate=spec.learning_rate,
-        weight_decay=spec.weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(spec.steps * spec.warmup_fraction)),
-        logging_steps=max(1, spec.steps // 50),
-        eval_strategy="steps" if eval_set is not None else "no",
-        eval_steps=spec.eval_every or max(1, spec.steps // 6),
-        save_strategy="steps" if spec.save_steps else "no",
-        save_steps=spec.save_steps or 500,
-        activation_checkpointing=spec.gradient_checkpointing,
-        bf16=spec.bf16,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        seed=spec.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=not spec.progress,
-    )
+    args = training_arguments(spec, out, evaluate=eval_set is not None)
     trainer = Trainer(
         model=model,
         args=args,

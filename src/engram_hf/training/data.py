@@ -40,6 +40,19 @@ def pack_texts(tokenizer, texts: Iterable[str], block_size: int) -> PackedBlocks
     return PackedBlocks(torch.tensor(ids, dtype=torch.long), block_size)
 
 
+def train_and_eval_sets(tokenizer, texts, eval_texts, block_size: int, eval_fraction: float):
+    """(train, eval) blocks: ``eval_texts`` packed apart if given, else the first ``eval_fraction``
+    of the packed ``texts`` held out (``None`` when that is 0)."""
+    data = pack_texts(tokenizer, texts, block_size)
+    if eval_texts is not None:
+        return data, pack_texts(tokenizer, eval_texts, block_size)
+    n_eval = max(1, int(len(data) * eval_fraction)) if eval_fraction > 0 else 0
+    if len(data) - n_eval < 1:
+        raise ValueError(f"Only {len(data)} blocks of {block_size} tokens: not enough text to train on.")
+    eval_set = torch.utils.data.Subset(data, range(n_eval)) if n_eval else None
+    return torch.utils.data.Subset(data, range(n_eval, len(data))), eval_set
+
+
 def read_texts(paths: Iterable[str | Path], text_field: str = "text") -> list[str]:
     """Documents from ``.txt`` files (one document each), ``.jsonl`` files (``text_field`` of each
     line) and directories of those (recursively, in name order)."""

@@ -1,0 +1,36 @@
+"""The ``TrainingArguments`` of a training run, from its ``TrainSpec``: one recipe for the EngramMoE
+runner and the attach runner (``--base``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments
+
+
+def training_arguments(spec, out: Path, evaluate: bool) -> TrainingArguments:
+    """Cosine schedule with warm-up, ~50 log lines and six evaluations over the run (``eval_every``
+    overrides), checkpoints every ``save_steps`` if set, under ``out/checkpoints``."""
+    return TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        max_steps=spec.steps,
+        per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size,
+        learning_rate=spec.learning_rate,
+        weight_decay=spec.weight_decay,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(spec.steps * spec.warmup_fraction)),
+        logging_steps=max(1, spec.steps // 50),
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=spec.eval_every or max(1, spec.steps // 6),
+        save_strategy="steps" if spec.save_steps else "no",
+        save_steps=spec.save_steps or 500,
+        activation_checkpointing=spec.gradient_checkpointing,
+        bf16=spec.bf16,
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        seed=spec.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not spec.progress,
+    )
