@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -36,16 +35,7 @@ from engram_hf.memory import TokenCompressor
 from engram_hf.memory.cache import engram_inputs
 from engram_hf.optim import set_sparse_table_grads
 from engram_hf.testing import ReferenceEngram
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from machine import device_name
 
 
 def parse_args(argv=None):
@@ -303,7 +293,7 @@ def main(argv=None):
     layers, results = bench_layers(args, device, hidden, ids)
     report = {
         "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "device": device_name(device),
             "torch": torch.__version__,
             "threads": args.threads,
             "python": sys.version.split()[0],

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from engram_hf import EngramMoEConfig, EngramMoEForCausalLM, build_compression_table, compressed_vocab_size
+from machine import device_name
 
 
 def parse_args(argv=None):
@@ -92,20 +93,6 @@ def text_batches(tokenizer, texts: list[str], batch, seq, n):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def build_checkpoint(path: Path, tokenizer, rows: int) -> int:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import resource
 import shutil
 import statistics
@@ -40,18 +39,9 @@ from engram_hf.offload.create import save_new_checkpoint
 from engram_hf.optim import build_optimizer
 from engram_hf.training import read_texts, train_bpe_tokenizer
 from engram_hf.utils import atomic_write_file
+from machine import device_name
 
 ROW_BYTES = 64 * 4
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None):
@@ -278,7 +268,7 @@ def main(argv=None):
     work = Path(args.work or tempfile.mkdtemp(prefix="engram-bench-train-"))
     report = {
         "machine": {
-            "cpu": cpu_name(),
+            "cpu": device_name(),
             "threads": args.threads,
             "ram_GiB": psutil.virtual_memory().total / 2**30,
             "torch": torch.__version__,
