@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..offload.stores import RowCache, RowStore
+from ..offload.stores import RowCache, RowStore, describe_table
 from .exchange import exchange, exchange_counts
 from .sharding import RowSharding
 
@@ -71,8 +71,8 @@ class ShardedTable(nn.Module):
         return (self.sharding.local_rows, self.embedding_dim)
 
     def describe(self) -> str:
-        s = self.sharding
-        return f"layer {self.layer}: rows [{s.start}, {s.stop}) of {self.num_embeddings}x{self.embedding_dim}"
+        rows = (self.sharding.start, self.sharding.stop)
+        return describe_table(self.layer, self.num_embeddings, self.embedding_dim, rows)
 
     # ------------------------------------------------------------------ training (the optimizer's view)
     def make_trainable(self, work_dir=None) -> None:

@@ -109,6 +109,13 @@ class RowStore:
         raise NotImplementedError
 
 
+def describe_table(layer, num_rows: int, dim: int, rows: tuple[int, int] | None = None) -> str:
+    """How a table names itself in optimizer-state files: ``rows`` (global ``[start, stop)``) for one
+    rank's shard, ``None`` for the whole table. Loading compares these names, so they live here once."""
+    size = f"{num_rows}x{dim}"
+    return f"layer {layer}: {size}" if rows is None else f"layer {layer}: rows [{rows[0]}, {rows[1]}) of {size}"
+
+
 def read_rows(array, rows: torch.LongTensor, pin: bool) -> torch.Tensor:
     """``array.read(rows)`` (a row array, ``engram_hf.offload.rows``), in pinned memory if ``pin``.
     A host tensor's rows are written straight into a new pinned buffer (no pageable copy in

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.hash_gather import row_gradient
-from .stores import RowCache, RowStore
+from .stores import RowCache, RowStore, describe_table
 
 # One background worker serves every offloaded table: gathers are memory-bound, and ordering
 # them keeps the disk access pattern sequential per forward.
@@ -102,7 +102,7 @@ class OffloadedTable(nn.Module):
         return (self.num_embeddings, self.embedding_dim)
 
     def describe(self) -> str:
-        return f"layer {self.layer}: {self.num_embeddings}x{self.embedding_dim}"
+        return describe_table(self.layer, self.num_embeddings, self.embedding_dim)
 
     # ------------------------------------------------------------------ training
     def make_trainable(self, work_dir=None) -> None:

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..memory.engram import EngramMemory
 from ..offload.rows import TensorRows
+from ..offload.stores import describe_table
 
 _ROW_KINDS = {"adam": "adam_rows", "adagrad": "adagrad_rows", "dense": "dense"}
 _PENDING = "_engram_pending_grads"
@@ -410,23 +411,15 @@ def _global_rows(table) -> tuple[int, int]:
     return (sharding.start, sharding.stop) if sharding is not None else (0, table.num_embeddings)
 
 
-def _describe_rows(table, rows: tuple[int, int] | None) -> str:
-    """How the table that saved a state file described itself: a shard holding global ``rows``, or
-    (``None``) an unsharded table."""
-    size = f"{table.num_embeddings}x{table.embedding_dim}"
-    return (
-        f"layer {table.layer}: {size}"
-        if rows is None
-        else f"layer {table.layer}: rows [{rows[0]}, {rows[1]}) of {size}"
-    )
-
-
 def _state_sources(directory: Path, index: int, table) -> list[tuple[Path, tuple[int, int], str]]:
     """Saved state files of table ``index`` that hold rows this table owns, with the global rows
     each holds and how its table described itself: this layout's own file if present, else the one
     complete saved layout there is (one process, or every rank of one world size). Row ranges
     follow ``RowSharding``, as the saving ranks did."""
     from ..distributed.sharding import RowSharding
+
+    def named(rows=None) -> str:  # how the table that saved a file (whole, or a shard) named itself
+        return describe_table(table.layer, table.num_embeddings, table.embedding_dim, rows)
 
     start, stop = _global_rows(table)
     own = directory / _state_file(index, table)
@@ -435,7 +428,7 @@ def _state_sources(directory: Path, index: int, table) -> list[tuple[Path, tuple
     layouts: dict[str, list] = {}
     whole = directory / f"engram-optimizer-{index}.safetensors"
     if whole.exists():
-        layouts["one process"] = [(whole, (0, table.num_embeddings), _describe_rows(table, None))]
+        layouts["one process"] = [(whole, (0, table.num_embeddings), named())]
     ranks: dict[int, dict[int, Path]] = {}
     for path in directory.glob(f"engram-optimizer-{index}-rank*-of-*.safetensors"):
         m = _RANK_FILE.match(path.name)
@@ -449,7 +442,7 @@ def _state_sources(directory: Path, index: int, table) -> list[tuple[Path, tuple
         layouts[f"{world} ranks"] = []
         for rank, path in sorted(files.items()):
             s = RowSharding(table.num_embeddings, world, rank)
-            layouts[f"{world} ranks"].append((path, (s.start, s.stop), _describe_rows(table, (s.start, s.stop))))
+            layouts[f"{world} ranks"].append((path, (s.start, s.stop), named((s.start, s.stop))))
     if not layouts and not incomplete:
         return []
     if len(layouts) != 1:
