@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Where the model computes (its device map's first accelerator, else its parameters' device).
+from ..offload.loading import execution_device as model_device
+
 
 class EditInputError(ValueError):
     """Input an editing tool cannot work with as given (empty text, unknown tokens, no rows)."""
@@ -189,7 +192,3 @@ def pad_canonical(model) -> int:
     """The canonical id positions before a sequence's start hash as."""
     pad = torch.tensor([[int(model.hash_contract.pad_id)]], device=model_device(model))
     return int(canonical_ids(model, pad)[0, 0])
-
-
-def model_device(model) -> torch.device:
-    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
