@@ -1,6 +1,7 @@
 """Shared fixtures and helpers. Tests import helpers from here only, never from each other."""
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,6 +12,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# CI reruns the quick suite with one thread (ENGRAM_HF_TEST_THREADS=1, beside OMP_NUM_THREADS=1).
+if os.environ.get("ENGRAM_HF_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["ENGRAM_HF_TEST_THREADS"]))
 
 import engram_hf  # noqa: E402,F401  (registers the Auto classes)
 
@@ -31,6 +36,28 @@ def need_shared(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path}. {SHARED_HINT}")
     return path
+
+
+@contextmanager
+def single_thread():
+    """Run the block with one intra-op thread, as the distributed test workers do: a matmul's
+    rounding depends on how many threads split its reduction, so bitwise comparisons between a
+    worker and the parent need the same thread count on both sides."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def float_tolerance(dtype=torch.float32, reduction=1, scale=1.0):
+    """``assert_close`` tolerances for two computations of the same quantity that may round
+    differently (other thread counts, batch compositions, CPUs): a few ulps of ``dtype`` per
+    accumulated term, growing with the square root of the reduction length, at magnitude ``scale``."""
+    eps = torch.finfo(dtype).eps
+    tol = 8 * eps * max(1.0, float(reduction)) ** 0.5
+    return dict(rtol=tol, atol=tol * scale)
 
 
 def tiny_config(**overrides):

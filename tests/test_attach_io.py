@@ -201,3 +201,63 @@ def test_saving_keeps_other_files_and_is_atomic(trained, tmp_path):
     with pytest.raises(ValueError, match="push_to_hub"):
         model.save_pretrained(tmp_path / "hub", push_to_hub=True)
     assert not (tmp_path / "hub").exists()
+
+
+def test_adapter_on_a_base_with_other_weights_is_refused(trained, tmp_path):
+    """Same architecture and shapes, other weights (another seed): the adapter's memory was fitted to
+    the first base's hidden states, so loading it elsewhere needs allow_other_base=True."""
+    base_dir, model = trained
+    save_engram(model, tmp_path / "adapter")
+    other = tiny_causal_lm("qwen3", seed=7)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="trained on a base with other weights"):
+        load_engram(other, tmp_path / "adapter")
+    assert attachment_of(other) is None
+    loaded = load_engram(other, tmp_path / "adapter", allow_other_base=True)
+    assert attachment_of(loaded) is not None
+    with pytest.raises(ValueError, match="other weights"):
+        AutoEngramForCausalLM.from_pretrained(tmp_path / "other", engram=tmp_path / "adapter")
+    AutoEngramForCausalLM.from_pretrained(tmp_path / "other", engram=tmp_path / "adapter", allow_other_base=True)
+    # The same base in another dtype is the same base.
+    half = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    load_engram(half, tmp_path / "adapter")
+
+
+def test_adapter_alone_finds_its_base_from_any_directory(tmp_path, monkeypatch):
+    """A base given by a relative path is recorded absolutely: loading the adapter alone from another
+    working directory finds it. A base that has gone says so, with the path it looked at."""
+    monkeypatch.chdir(tmp_path)
+    tiny_causal_lm("qwen3").save_pretrained("base")
+    model = AutoModelForCausalLM.from_pretrained("base").eval()
+    attach_engram(model, tiny_spec(), compression_table=tiny_compression())
+    wake_engram(model)
+    save_engram(model, "adapter")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    alone = AutoEngramForCausalLM.from_pretrained(tmp_path / "adapter")
+    assert torch.equal(logits(alone.eval()), logits(model))
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=f"not found at {tmp_path / 'base'}"):
+        AutoEngramForCausalLM.from_pretrained(tmp_path / "adapter")
+
+
+def test_merged_checkpoint_in_a_dtype_casts_engram_too(trained, tmp_path):
+    _, model = trained
+    model.save_pretrained(tmp_path / "merged")
+    for load in (AutoModelForCausalLM.from_pretrained, AutoEngramForCausalLM.from_pretrained):
+        loaded = load(tmp_path / "merged", dtype=torch.bfloat16)
+        dtypes = {p.dtype for p in loaded.parameters()}
+        assert dtypes == {torch.bfloat16}, dtypes
+    adapter = save_engram(model, tmp_path / "adapter") or tmp_path / "adapter"
+    on_base = AutoEngramForCausalLM.from_pretrained(trained[0], engram=adapter, dtype="bfloat16")
+    assert {p.dtype for p in on_base.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("path", ["/no/such/dir", "./no/such", "~/no-such-dir-here"])
+def test_missing_local_directory_is_named(path):
+    from engram_hf import EngramMoEForCausalLM
+
+    for load in (EngramMoEForCausalLM.from_pretrained, AutoEngramForCausalLM.from_pretrained):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load(path)

@@ -4,11 +4,12 @@ revert, evaluate, offloaded tables, checkpoints, CLI and bad input."""
 import hashlib
 import json
 import math
+import os
 
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from engram_hf import build_compression_table
 from engram_hf.cli import main as cli_main
@@ -458,6 +459,16 @@ def test_apply_to_checkpoint_writes_a_patched_copy(facts, tmp_path):
         apply_to_checkpoint(patch, out, tmp_path / "twice")
     back = apply_to_checkpoint(patch, out, tmp_path / "reverted", revert=True)
     assert sha(back) == digest
+    # The copy shares nothing a later write can reach: an ordinary save into it (here the tokenizer,
+    # grown by a token) leaves the source's files as they were.
+    source_files = {f.name: f.read_bytes() for f in path.iterdir() if f.is_file()}
+    for f in out.iterdir():
+        if f.is_file():
+            assert not os.path.samefile(f, path / f.name), f"{f.name} is the source's own file"
+    grown = AutoTokenizer.from_pretrained(out)
+    grown.add_tokens(["<never-seen-before>"])
+    grown.save_pretrained(out)
+    assert {f.name: f.read_bytes() for f in path.iterdir() if f.is_file()} == source_files
 
 
 def test_evaluate_edit_separates_exact_and_colliding(facts):
@@ -488,7 +499,13 @@ def test_evaluate_edit_separates_exact_and_colliding(facts):
     )
     s = ev.summary
     assert s["efficacy"] == 1.0 and s["efficacy_before"] == 0.0 and s["efficacy_score"] == 1.0
-    assert s["generalisation"] >= 2 / 3  # the near paraphrases share the n-grams; the far one need not
+    # Generalisation as an independent greedy loop sees it, paraphrase by paraphrase (whether one
+    # small model follows a single edit on each paraphrase is its behaviour, not evaluate_edit's:
+    # bench_edit measures that over many facts).
+    n = len(_target_ids(tokenizer, case.target))
+    expected = [_greedy(model, tokenizer, p, n) == _target_ids(tokenizer, case.target) for p in request.paraphrases]
+    assert [x["success"] for x in ev.requests[0]["paraphrases"]] == expected
+    assert s["generalisation"] == pytest.approx(sum(expected) / len(expected))
     # The neighbours read none of the edited rows here, so their scores cannot move at all.
     assert s["specificity"] == s["specificity_before"]
     assert s["untouched_bit_identical"] and s["untouched_positions"] > 50

@@ -226,10 +226,12 @@ def test_disk_tier_with_multi_gb_table_keeps_memory_small(tmp_path):
     assert all(s["cache"]["hits"] > 0 for s in stats.values())  # the second forward hits
 
 
+@pytest.mark.parametrize("use", ["forward", "save"])
 @pytest.mark.parametrize("change", ["rewrite", "truncate"])
-def test_disk_table_changed_after_load_fails_clearly(ckpt, tmp_path, change):
+def test_disk_table_changed_after_load_fails_clearly(ckpt, tmp_path, change, use):
     """Rewriting the file would silently change rows, truncating it would kill the process with SIGBUS
-    on the next read: both are detected before any row is read."""
+    on the next read: both are detected before any row is read, by a forward and by a save (which
+    streams the rows into the new checkpoint: it must neither copy tampered rows nor fault)."""
     import shutil
 
     local = tmp_path / "ckpt"
@@ -249,7 +251,12 @@ def test_disk_table_changed_after_load_fails_clearly(ckpt, tmp_path, change):
     st = weights.stat()
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse clock must still see it
     with pytest.raises(RuntimeError, match="changed on disk"), torch.no_grad():
-        model(ids, attention_mask=mask)
+        if use == "forward":
+            model(ids, attention_mask=mask)
+        else:
+            model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".saved")], "no temp left behind"
 
 
 def test_host_tier_holds_its_own_copy_of_the_table(ckpt, tmp_path):
@@ -281,6 +288,36 @@ def test_corrupt_safetensors_header_names_the_file(tmp_path):
     bad.write_bytes(b"\x01")
     with pytest.raises(ValueError, match="corrupt or truncated"):
         loading.checkpoint_tables(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["offsets", "json", "truncated", "dtype"])
+def test_corrupt_checkpoint_file_is_named_by_from_pretrained(ckpt, tmp_path, damage):
+    """Headers that parse as JSON but that safetensors would refuse (its message names no file), and
+    truncated data, are caught with the file's name before transformers maps the file."""
+    import shutil
+
+    local = tmp_path / "ckpt"
+    shutil.copytree(ckpt, local)
+    weights = local / "model.safetensors"
+    raw = weights.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    if damage == "truncated":
+        weights.write_bytes(raw[: len(raw) - 100])
+    elif damage == "json":
+        weights.write_bytes(raw[:8] + b"x" + raw[9 : 8 + n] + raw[8 + n :])
+    else:
+        if damage == "offsets":
+            header[key]["data_offsets"][1] += 4
+        else:
+            header[key]["dtype"] = "F16"
+        blob = json.dumps(header).encode()
+        blob += b" " * (-len(blob) % 8)
+        weights.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
+    for kwargs in ({}, {"engram_offload": "disk"}):
+        with pytest.raises(ValueError, match=r"model\.safetensors (is not a valid safetensors file|is truncated)"):
+            EngramMoEForCausalLM.from_pretrained(local, **kwargs)
 
 
 @pytest.mark.parametrize(

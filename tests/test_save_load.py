@@ -165,3 +165,58 @@ def test_saved_files_respect_the_umask(saved, tmp_path):
     assert (tmp_path / "shared_ckpt").stat().st_mode & 0o777 == 0o755
     for f in (tmp_path / "shared_ckpt").iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f.name
+
+
+def test_save_leaves_no_code_it_did_not_write(saved, tmp_path):
+    """transformers imports ``*.py`` from a checkpoint with trust_remote_code, and runs a
+    ``custom_generate/generate.py`` in place of ``generate``: a save over a directory that held such
+    code must drop it (at any depth), while keeping data files such as a tokenizer."""
+    m, *_ = saved
+    target = tmp_path / "ckpt"
+    target.mkdir()
+    (target / "custom_generate").mkdir()
+    (target / "custom_generate" / "generate.py").write_text("def generate(model, *a, **k):\n    raise SystemExit\n")
+    (target / "custom_generate" / "requirements.txt").write_text("\n")
+    (target / "helpers").mkdir()
+    (target / "helpers" / "evil.py").write_text("import os\n")
+    (target / "helpers" / "notes.txt").write_text("kept")
+    (target / "stray_module.py").write_text("import os\n")
+    (target / "tokenizer.json").write_text("{}")
+    m.save_pretrained(target)
+    assert not (target / "custom_generate").exists()
+    assert not (target / "helpers" / "evil.py").exists() and not (target / "stray_module.py").exists()
+    assert (target / "helpers" / "notes.txt").read_text() == "kept"
+    assert (target / "tokenizer.json").read_text() == "{}"
+    ours = {p.name for p in target.rglob("*.py")}
+    assert ours and all(name.endswith("_engram_moe.py") for name in ours), ours  # the auto_map model files
+
+
+def test_nested_save_killed_leaves_no_debris_after_the_next_write(tmp_path):
+    """``train`` writes its model with ``atomic_write_dir(out/model, model.save_pretrained)``, and the
+    save is atomic itself, so a kill mid-write leaves a temp inside a temp's name
+    (``..model.tmp-PID-x.tmp-PID-y``): the next write to ``out/model`` removes both."""
+    target = tmp_path / "model"
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(REPO / "tests")!r})
+import safetensors.torch as st
+import transformers.modeling_utils as mu
+from conftest import tiny_model
+from engram_hf.utils import atomic_write_dir
+def dying_save(tensors, filename, *a, **k):
+    open(filename, "wb").write(b"partial")
+    os.kill(os.getpid(), signal.SIGKILL)
+st.save_file = dying_save
+if hasattr(mu, "safe_save_file"):
+    mu.safe_save_file = dying_save
+model = tiny_model()
+atomic_write_dir({str(target)!r}, lambda tmp: model.save_pretrained(tmp))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == -9, res.stderr[-2000:]
+    debris = sorted(p.name for p in tmp_path.iterdir())
+    assert any(name.startswith("..model.tmp-") for name in debris), debris
+    from engram_hf.utils import atomic_write_dir
+
+    atomic_write_dir(target, lambda tmp: (tmp / "x").write_text("ok"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

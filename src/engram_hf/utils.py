@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import fnmatch
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 _TMP, _OLD = "tmp", "old"
+_FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
 def _umask() -> int:
@@ -43,16 +46,23 @@ def temp_sibling(target: Path, kind: str = "tmp") -> Path:
 _sibling = temp_sibling
 
 
+def _stale_pattern(target: Path) -> re.Pattern:
+    # ``.name.tmp-PID-HEX``, and the temp siblings of such temps (a save that writes into a temp
+    # directory makes its own beside it): ``..name.tmp-PID-HEX.tmp-PID2-HEX2`` and so on.
+    return re.compile(rf"^\.+{re.escape(target.name)}((?:\.(?:{_TMP}|{_OLD})-\d+-[0-9a-f]+)+)$")
+
+
 def remove_stale_siblings(target: Path) -> None:
-    """Delete temp siblings of ``target`` left by writers that died (their pid is gone)."""
-    for kind in (_TMP, _OLD):
-        for p in target.parent.glob(f".{target.name}.{kind}-*"):
-            try:
-                pid = int(p.name.rsplit(f".{kind}-", 1)[1].split("-")[0])
-            except (IndexError, ValueError):
-                continue
-            if not _pid_alive(pid):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    """Delete temp siblings of ``target`` (nested ones included) left by writers that died: every
+    process named in the temp's name is gone."""
+    pattern = _stale_pattern(target)
+    for p in target.parent.iterdir():
+        match = pattern.match(p.name)
+        if match is None:
+            continue
+        pids = [int(pid) for pid in re.findall(r"-(\d+)-[0-9a-f]+", match.group(1))]
+        if not any(_pid_alive(pid) for pid in pids):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -95,23 +105,61 @@ def _apply_umask(root: Path) -> None:
                 os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
-def _carry_over(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
-    """Hard-link (or copy) into ``new`` the entries of ``old`` that ``new`` lacks and ``keep`` accepts."""
+def _carry_over(old: Path, new: Path, keep: Callable[[str], bool], rel: str = "") -> None:
+    """Copy into ``new`` the entries of ``old`` that ``new`` lacks and ``keep`` accepts (``keep`` sees
+    each path relative to the top, ``"sub/file"``, so it can refuse files inside folders too).
+
+    Copies, never hard links: the new version must not share inodes with the old one (a file kept
+    open or linked elsewhere would otherwise see later writes)."""
     for entry in old.iterdir():
+        name = f"{rel}{entry.name}"
         dest = new / entry.name
-        if dest.exists() or not keep(entry.name):
+        if not keep(name):
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, dest, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(entry, dest)
+        if entry.is_dir() and not entry.is_symlink():
+            if dest.exists() and not dest.is_dir():
+                continue
+            made = not dest.exists()
+            dest.mkdir(exist_ok=True)
+            _carry_over(entry, dest, keep, f"{name}/")
+            if made and not any(dest.iterdir()):
+                dest.rmdir()  # everything in it was refused: do not leave an empty shell
+        elif not dest.exists() and not dest.is_symlink():
+            clone_file(entry, dest)
 
 
-def _link_or_copy(src, dst):
+def _copy_bytes(fin, fout) -> None:
+    """Copy an open file's bytes in the kernel where possible (``copy_file_range``)."""
+    remaining = os.fstat(fin.fileno()).st_size
     try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+        while remaining > 0:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), min(remaining, 1 << 30))
+            if n == 0:
+                break
+            remaining -= n
+    except (AttributeError, OSError):
+        fin.seek(0)
+        fout.seek(0)
+        fout.truncate()
+        shutil.copyfileobj(fin, fout, 16 << 20)
+
+
+def clone_file(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """Copy ``src`` to ``dst`` (with its mode and times) as an independent file: a later write to
+    either never shows in the other. On filesystems with copy-on-write clones (btrfs, XFS,
+    bcachefs, ...) it is a reflink, which shares blocks until one side writes and costs no time or
+    space; elsewhere it is a full copy. Never a hard link."""
+    src, dst = os.fspath(src), os.fspath(dst)
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return dst
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), _FICLONE, fin.fileno())
+        except OSError:
+            # No clones here (ext4, tmpfs, overlayfs, across filesystems): copy the bytes.
+            _copy_bytes(fin, fout)
+    shutil.copystat(src, dst)
     return dst
 
 
@@ -124,7 +172,7 @@ def atomic_write_dir(
 
     A crash or error midway leaves any previous ``target`` untouched (and the temp directory is
     removed at the next write to the same target). With ``keep_existing``, entries of the previous
-    ``target`` that the new one lacks and the predicate accepts are carried over (hard links).
+    ``target`` that the new one lacks and the predicate accepts are carried over (copied).
     """
     target = Path(target).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -184,13 +232,23 @@ _MODEL_FILES = (
     "pytorch_model.bin.index.json",
     "config.json",
     "generation_config.json",
-    "*.py",
 )
+# Code that transformers imports or runs from a checkpoint directory (``trust_remote_code`` modules,
+# a ``custom_generate/`` that replaces ``generate``): a save leaves no code in the directory but
+# the model files it writes itself, so none of it is carried over, at any depth.
+_CODE_FILES = ("*.py", "*.pyc", "*.pyo", "*.pyd", "*.so", "*.dylib", "*.dll")
+_CODE_DIRS = ("custom_generate", "__pycache__")
 
 
-def keep_non_model_files(name: str) -> bool:
-    """Whether a file of a previous checkpoint survives a new save into the same directory."""
-    return not any(fnmatch.fnmatch(name, pattern) for pattern in _MODEL_FILES)
+def keep_non_model_files(relpath: str) -> bool:
+    """Whether an entry of a previous checkpoint (path relative to it) survives a new save into the
+    same directory: data such as a tokenizer or a README does; weights, configs and code do not."""
+    parts = Path(relpath).parts
+    if any(part in _CODE_DIRS for part in parts):
+        return False
+    if any(fnmatch.fnmatch(parts[-1], pattern) for pattern in _CODE_FILES):
+        return False
+    return not (len(parts) == 1 and any(fnmatch.fnmatch(parts[0], pattern) for pattern in _MODEL_FILES))
 
 
 def atomic_save_pretrained(save: Callable[[Path], None], save_directory: str | os.PathLike) -> Path:

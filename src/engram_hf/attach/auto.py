@@ -19,11 +19,11 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from ..offload.loading import hub_kwargs
+from ..offload.loading import check_local_exists, hub_kwargs
 from .attachment import attach_engram, attachment_of
 from .config import EngramAttachedConfig
-from .io import CONFIG_FILE, _read_adapter_config, ignoring_engram_keys
-from .load import attach_merged_adapters, load_engram
+from .io import CONFIG_FILE, _read_adapter_config, ignoring_engram_keys, resolve_base
+from .load import attach_merged_adapters, load_engram, requested_dtype
 from .spec import EngramSpec
 
 
@@ -53,6 +53,7 @@ class EngramAttachedForCausalLM:
     ):
         """Load the base model (``device_map``, ``dtype`` ... as usual) and attach the checkpoint's
         adapters. ``engram_offload="cpu" | "disk"`` keeps the tables out of the parameters."""
+        check_local_exists(pretrained_model_name_or_path)
         if not isinstance(config, EngramAttachedConfig):
             config = EngramAttachedConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs(kwargs))
         tier = engram_offload if engram_offload is not None else config.engram_offload
@@ -94,6 +95,7 @@ class AutoEngramForCausalLM:
         engram_offload: str | None = None,
         engram_cache_rows: int = 0,
         freeze_base: bool = True,
+        allow_other_base: bool = False,
         **kwargs,
     ):
         """Load a pretrained causal LM with Engram attached.
@@ -104,19 +106,28 @@ class AutoEngramForCausalLM:
         * ``from_pretrained(adapter_dir)``: the adapter on the base named in its config.
         * ``from_pretrained(merged_dir)``: a merged checkpoint (as ``AutoModelForCausalLM``).
 
-        Other keyword arguments (``dtype``, ``device_map``, ...) go to the base's ``from_pretrained``.
+        Other keyword arguments (``dtype``, ``device_map``, ...) go to the base's ``from_pretrained``;
+        a ``dtype`` applies to Engram too. A saved adapter is checked against the base's weights
+        (sampled when it was saved): another base of the same shape is refused unless
+        ``allow_other_base=True``.
         """
-        path = Path(str(pretrained_model_name_or_path))
-        if engram is None and (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file():
-            meta = _read_adapter_config(path)
-            base = meta.get("base_model", {}).get("name_or_path")
-            if not base:
-                raise ValueError(
-                    f"The adapter at {path} does not name its base model; load the base yourself and pass "
-                    "this directory as engram=."
-                )
-            engram, pretrained_model_name_or_path = path, base
-        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs(kwargs))
+        check_local_exists(pretrained_model_name_or_path)
+        if isinstance(engram, (str, Path)):
+            check_local_exists(engram, "Engram adapter")
+        path = Path(str(pretrained_model_name_or_path)).expanduser()
+        from_adapter = engram is None and (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file()
+        if from_adapter:
+            engram, pretrained_model_name_or_path = path, resolve_base(_read_adapter_config(path), path)
+        try:
+            config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs(kwargs))
+        except OSError as e:
+            if not from_adapter:
+                raise
+            raise FileNotFoundError(
+                f"The base model {pretrained_model_name_or_path!r} of the adapter at {path} is neither a local "
+                f"directory (from {Path.cwd()} or the adapter's) nor loadable from the Hub ({str(e).splitlines()[0]}). "
+                f"Pass it explicitly: AutoEngramForCausalLM.from_pretrained(BASE, engram={str(path)!r})."
+            ) from None
         if isinstance(config, EngramAttachedConfig):
             model = AutoModelForCausalLM.from_pretrained(
                 pretrained_model_name_or_path,
@@ -156,5 +167,7 @@ class AutoEngramForCausalLM:
                 engram_offload=engram_offload,
                 engram_cache_rows=engram_cache_rows,
                 freeze_base=freeze_base,
+                dtype=requested_dtype(kwargs),
+                allow_other_base=allow_other_base,
             )
         raise TypeError(f"engram must be an EngramSpec or an adapter directory, got {type(engram).__name__}.")

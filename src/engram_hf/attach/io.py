@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..offload.loading import TableInfo, check_table_memory, open_store
+from ..offload.loading import TableInfo, check_table_memory, is_local_name, open_store
 from ..offload.stores import safetensors_header
 from ..offload.tiers import check_cache_rows, check_tier
 from ..utils import atomic_save_pretrained, atomic_write_dir
@@ -40,15 +40,49 @@ WEIGHTS_FILE = "engram.safetensors"
 MERGED_PREFIX = f"{ATTR}.adapters."
 
 
+# Values sampled from each of a few base weights (evenly spaced over the flattened tensor): enough
+# to tell two bases of one shape apart (another seed, a fine-tune), a few hundred numbers in all.
+_SAMPLES_PER_TENSOR = 32
+
+
+def _sampled_weights(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """The base weights an adapter's fingerprint samples, by role: the input embedding and the first
+    weight matrix of every decoder layer (LoRA's own matrices skipped, so a PEFT-wrapped base
+    samples the same base weights). Weights offloaded to the meta device are left out."""
+    out = {"embed": backbone.model.get_input_embeddings().weight}
+    for i, layer in enumerate(backbone.layers):
+        for name, p in layer.named_parameters():
+            if p.dim() >= 2 and p.is_floating_point() and "lora_" not in name:
+                out[f"layer{i}"] = p
+                break
+    return {k: v for k, v in out.items() if v.device.type != "meta"}
+
+
+def base_weight_sample(backbone: Backbone) -> dict:
+    """``{"dtype": ..., "values": {role: [floats]}}``: what ``check_base_weights`` compares."""
+    values, dtype = {}, None
+    for role, w in _sampled_weights(backbone).items():
+        flat = w.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_TENSOR, flat.numel())).round().long()
+        values[role] = flat[idx.to(flat.device)].float().cpu().tolist()
+        dtype = dtype or str(w.dtype).removeprefix("torch.")
+    return {"dtype": dtype, "values": values}
+
+
 def _base_identity(backbone: Backbone) -> dict:
     cfg = backbone.model.config
+    name = getattr(cfg, "_name_or_path", None) or None
+    local = name is not None and Path(name).expanduser().is_dir()
     return {
         "architecture": backbone.arch,
         "model_type": getattr(cfg, "model_type", None),
-        "name_or_path": getattr(cfg, "_name_or_path", None) or None,
+        # A local base is recorded by its absolute path: the adapter may be loaded from anywhere.
+        "name_or_path": str(Path(name).expanduser().resolve()) if local else name,
+        "local": local,
         "vocab_rows": backbone.vocab_rows,
         "hidden_size": backbone.hidden_size,
         "num_hidden_layers": backbone.num_layers,
+        "weights_sample": base_weight_sample(backbone),
     }
 
 
@@ -195,7 +229,9 @@ def _read_adapter_config(path: Path) -> dict:
     return meta
 
 
-def check_base_matches(meta: dict, backbone: Backbone, where: str) -> None:
+def check_base_matches(meta: dict, backbone: Backbone, where: str, allow_other_base: bool = False) -> None:
+    """Refuse an adapter made for another base: another architecture or shape, always; other weights
+    of the same shape (a different seed or fine-tune), unless ``allow_other_base``."""
     base = meta.get("base_model", {})
     here = _base_identity(backbone)
     for key in ("vocab_rows", "hidden_size", "num_hidden_layers", "model_type"):
@@ -204,6 +240,61 @@ def check_base_matches(meta: dict, backbone: Backbone, where: str) -> None:
                 f"Engram adapter{where} was made for a {base.get('architecture')} with {key}={base.get(key)!r}, "
                 f"but this {here['architecture']} has {key}={here[key]!r}."
             )
+    saved = base.get("weights_sample")
+    if saved and not allow_other_base:
+        differ = _sample_differences(saved, here["weights_sample"])
+        if differ:
+            raise ValueError(
+                f"Engram adapter{where} was trained on a base with other weights than this "
+                f"{here['architecture']} ({base.get('name_or_path') or 'unnamed'}): sampled values of "
+                f"{', '.join(differ[:4])}{' ...' if len(differ) > 4 else ''} differ. Its memory was fitted to that "
+                "base's hidden states; pass allow_other_base=True to load it anyway."
+            )
+
+
+def _sample_differences(saved: dict, here: dict) -> list[str]:
+    """Roles whose sampled values differ by more than the rounding of the coarser of the two dtypes
+    (a base saved in float32 and loaded in bfloat16 is the same base)."""
+    eps = max(_eps(saved.get("dtype")), _eps(here.get("dtype")))
+    differ = []
+    for role, values in saved.get("values", {}).items():
+        now = here.get("values", {}).get(role)
+        if now is None:
+            continue  # offloaded to meta here: nothing to compare
+        a, b = torch.tensor(values, dtype=torch.float64), torch.tensor(now, dtype=torch.float64)
+        if a.shape != b.shape or bool(((a - b).abs() > eps * torch.maximum(a.abs(), b.abs())).any()):
+            differ.append(role)
+    return differ
+
+
+def _eps(dtype: str | None) -> float:
+    dt = getattr(torch, dtype or "float32", None)
+    return torch.finfo(dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32).eps
+
+
+def resolve_base(meta: dict, adapter_dir: Path) -> str:
+    """Where an adapter's base model is: its recorded hub id, or its local directory (absolute since
+    this version; an older relative record is tried beside the working directory and the adapter)."""
+    base = meta.get("base_model", {})
+    name = base.get("name_or_path")
+    if not name:
+        raise ValueError(
+            f"The adapter at {adapter_dir} does not name its base model; load the base yourself and pass "
+            "this directory as engram=."
+        )
+    candidates = [Path(name).expanduser()]
+    if not candidates[0].is_absolute():
+        candidates.append(adapter_dir / name)
+    for path in candidates:
+        if path.is_dir():
+            return str(path)
+    if base.get("local") or is_local_name(name):
+        tried = " or ".join(str(p.resolve()) for p in candidates)
+        raise FileNotFoundError(
+            f"The base model of the adapter at {adapter_dir} was not found at {tried}. Pass it explicitly: "
+            f"AutoEngramForCausalLM.from_pretrained(BASE, engram={str(adapter_dir)!r})."
+        )
+    return name  # a hub id
 
 
 # ---------------------------------------------------------------------------- merged checkpoints

@@ -32,17 +32,20 @@ def load_engram(
     activate: bool = True,
     freeze_base: bool = True,
     dtype: torch.dtype | None = None,
+    allow_other_base: bool = False,
 ):
     """Load a saved Engram adapter onto ``model`` (attaching Engram if it has none); returns ``model``.
 
     ``adapter_name`` defaults to the saved name. ``engram_offload="cpu" | "disk"`` keeps the tables
     in RAM or memory-mapped from the adapter file (inference; ``engram_cache_rows=N`` caches hot rows).
+    ``dtype`` defaults to the stored one. The adapter must have been saved on a base with these
+    weights (it records a sample of them): ``allow_other_base=True`` loads it on another anyway.
     """
     path = Path(path)
     meta = _read_adapter_config(path)
     where = f" at {path}"
     backbone = attachment_of(model).backbone if attachment_of(model) is not None else find_backbone(model)
-    check_base_matches(meta, backbone, where)
+    check_base_matches(meta, backbone, where, allow_other_base)
     spec = EngramSpec.from_dict(meta["spec"])
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
@@ -59,6 +62,21 @@ def load_engram(
     )
     attach_adapter(model, adapter_name or meta["adapter_name"], adapter, freeze_base=freeze_base, activate=activate)
     return model
+
+
+def requested_dtype(kwargs: dict) -> torch.dtype | None:
+    """The dtype a ``from_pretrained(..., dtype=...)`` call asked the base for, for Engram to follow
+    (None for "auto" or none: Engram keeps its stored dtype)."""
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if isinstance(dtype, dict):  # per sub-config: the text model's, or the default one
+        dtype = dtype.get("text_config", dtype.get(""))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype, None)
+    if dtype is None or isinstance(dtype, str):
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or 'auto', got {dtype!r}.")
+    return dtype
 
 
 def attach_merged_adapters(
@@ -78,6 +96,7 @@ def attach_merged_adapters(
             fingerprint=entry.get("fingerprint"),
             engram_offload=engram_offload,
             engram_cache_rows=engram_cache_rows,
+            dtype=requested_dtype(kwargs),
             where=f" (adapter {name!r} in {path})",
         )
         attach_adapter(model, name, adapter, freeze_base=freeze_base, activate=name == active)

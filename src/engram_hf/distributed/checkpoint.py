@@ -52,7 +52,7 @@ def save_sharded_pretrained(model, save_directory, save_dense) -> Path:
     try:
         for key, table in tables.items():
             table.wait_updates()
-            write_rows_at(tmp / files[key], key, table.sharding.start, table.store.rows)
+            write_rows_at(tmp / files[key], key, table.sharding.start, table.store)
     except Exception as e:  # noqa: BLE001
         error = e
     _agree(error, tmp, "write its rows")

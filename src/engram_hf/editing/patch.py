@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils import atomic_write_dir, atomic_write_file
+from ..utils import atomic_write_dir, atomic_write_file, clone_file
 from .rows import RowSet
 
 PATCH_FORMAT = "engram-hf-patch"
@@ -439,8 +439,10 @@ def apply_to_checkpoint(
 
     Tables are never loaded: the model is opened with disk-offloaded tables to check the fingerprint
     and the current rows, then only the patched rows are written, at their byte offsets, into copies
-    of the safetensors files that hold them; every other file is hard-linked (or copied). The source
-    checkpoint is never modified.
+    of the safetensors files that hold them. Every other file is cloned: a reflink on filesystems
+    with copy-on-write clones (btrfs, XFS; no time or space until one side is written), a full copy
+    elsewhere. The copy shares nothing a write can reach: the source checkpoint is never modified,
+    neither now nor by later writes into the copy.
     """
     from transformers import AutoModelForCausalLM
 
@@ -488,9 +490,9 @@ def apply_to_checkpoint(
         for entry in src.iterdir():
             dest = tmp / entry.name
             if entry.is_dir():
-                shutil.copytree(entry, dest)
+                shutil.copytree(entry, dest, copy_function=clone_file)
             elif str(entry) in writes or str(entry.resolve()) in writes:
-                shutil.copyfile(entry, dest)  # a real copy: the source must stay untouched
+                clone_file(entry, dest)  # independent of the source: the rows are written below
                 with open(dest, "r+b") as f:
                     for base, row_bytes, rows, vals in writes.get(str(entry), writes.get(str(entry.resolve()), [])):
                         raw = vals.contiguous().view(torch.uint8).reshape(rows.numel(), row_bytes)
@@ -500,10 +502,10 @@ def apply_to_checkpoint(
                     f.flush()
                     os.fsync(f.fileno())
             else:
-                try:
-                    os.link(entry, dest)
-                except OSError:
-                    shutil.copy2(entry, dest)
+                # An independent file (a reflink where the filesystem has them, else a copy), never
+                # a hard link: a later ordinary write into the copy (a tokenizer save) must not
+                # reach the source.
+                clone_file(entry, dest)
 
     out = atomic_write_dir(out_dir, write)
     check = AutoModelForCausalLM.from_pretrained(out, engram_offload="disk")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,26 @@ class TableInfo:
         return self.rows * self.dim * dtype_size(self.dtype)
 
 
+def is_local_name(name) -> bool:
+    """Whether a ``from_pretrained`` name can only mean a local path: a ``Path``, or a string no hub
+    repo id can be (absolute, ``./``, ``~``, more than one ``/``). Hub ids are ``name`` or ``org/name``."""
+    if isinstance(name, os.PathLike):
+        return True
+    s = str(name)
+    return s.startswith((".", "/", "~")) or s.count("/") > 1 or "\\" in s
+
+
+def check_local_exists(name, what: str = "checkpoint") -> None:
+    """Raise a plain "does not exist" for a local-looking name that is not there, instead of letting
+    it reach the hub client (which answers "Repo id must be in the form ...")."""
+    if is_local_name(name) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"The {what} directory {os.path.expanduser(str(name))} does not exist.")
+
+
 def checkpoint_files(path, **kwargs) -> list[Path]:
     """The safetensors files of a local or hub checkpoint (sharded or not); [] if it has none."""
-    local = Path(path)
+    check_local_exists(path)
+    local = Path(path).expanduser()
     if local.is_dir():
         sub = local / kwargs["subfolder"] if kwargs.get("subfolder") else local
         index = sub / "model.safetensors.index.json"
@@ -57,7 +75,7 @@ def checkpoint_files(path, **kwargs) -> list[Path]:
             return sorted({sub / f for f in _weight_map(index).values()})
         single = sub / "model.safetensors"
         return [single] if single.exists() else []
-    if local.exists() or str(path).startswith((".", "/", "~")):
+    if local.exists() or is_local_name(path):
         raise FileNotFoundError(f"{path} is not a checkpoint directory.")
     from transformers.utils import cached_file
 
@@ -206,7 +224,10 @@ def engram_from_pretrained(
             load, config_class, path, *args, tier=tier, cache_rows=engram_cache_rows, **kwargs
         )
     cache_rows = check_cache_rows(engram_cache_rows, tier)
+    check_local_exists(path)
     try:
+        # Every safetensors header is read (and checked) here: a corrupt file is named before
+        # transformers maps it.
         tables = checkpoint_tables(path, **hub_kwargs(kwargs))
     except OSError:
         if tier is not None:

@@ -30,8 +30,21 @@ def dtype_size(name: str) -> int:
     return SAFETENSORS_DTYPES[name].itemsize
 
 
+# Bytes per element of every safetensors dtype (the sub-byte float formats are left unchecked).
+_SAFETENSORS_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}  # fmt: skip
+
+
 def safetensors_header(path: str | Path) -> tuple[dict, int]:
-    """(header dict, byte offset of the data section) of a safetensors file, reading only the header."""
+    """(header dict, byte offset of the data section) of a safetensors file, reading only the header.
+
+    The header is checked as the safetensors library would (every tensor's byte range matches its
+    dtype and shape, the ranges tile the data section, the file is as long as they say), so a
+    corrupt or truncated file is refused here with its name, before anything maps it."""
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) < 8:
@@ -40,13 +53,56 @@ def safetensors_header(path: str | Path) -> tuple[dict, int]:
         if n > 100 * 2**20:
             raise ValueError(f"{path} is not a valid safetensors file (corrupt header: length {n}).")
         blob = f.read(n)
+        size = os.fstat(f.fileno()).st_size
     try:
+        if len(blob) < n:
+            raise ValueError(f"the header is cut short ({len(blob)} of {n} bytes)")
         header = json.loads(blob)
         if not isinstance(header, dict):
             raise ValueError("the header is not a JSON object")
+        end = _check_entries(header)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not a valid safetensors file (corrupt header: {e}).") from None
+    if size < 8 + n + end:
+        raise ValueError(
+            f"{path} is truncated: {size} bytes, its header promises {8 + n + end} (an interrupted copy or download?)."
+        )
     return header, 8 + n
+
+
+def _check_entries(header: dict) -> int:
+    """Check every tensor entry of a parsed header; returns the length of the data section."""
+    spans = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict):
+                raise ValueError("__metadata__ is not an object")
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ValueError(f"entry {key!r} lacks dtype, shape or data_offsets")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"entry {key!r} has shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise ValueError(f"entry {key!r} has data_offsets {offsets!r}")
+        begin, stop = offsets
+        if not 0 <= begin <= stop:
+            raise ValueError(f"entry {key!r} has data_offsets {offsets!r}")
+        itemsize = _SAFETENSORS_SIZES.get(info["dtype"])
+        if itemsize is not None:
+            numel = 1
+            for d in shape:
+                numel *= d
+            if stop - begin != numel * itemsize:
+                raise ValueError(f"entry {key!r} is {info['dtype']} {shape} but spans {stop - begin} bytes")
+        spans.append((begin, stop, key))
+    spans.sort()
+    at = 0
+    for begin, stop, key in spans:
+        if begin != at:
+            raise ValueError(f"entry {key!r} starts at byte {begin} of the data, expected {at}")
+        at = stop
+    return at
 
 
 class ReadOnlyRows(TensorRows):
@@ -102,6 +158,17 @@ class RowStore:
 
     def check_unchanged(self) -> None:
         """Raise if the backing storage changed since the store was opened (disk stores check)."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.num_rows, self.dim))
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` as they stand (training's writes included), for streaming a save.
+        The backing file is checked first, as ``gather`` does: a file changed since loading raises
+        instead of being copied into the new checkpoint, or faulting on a read past a new end."""
+        self.check_unchanged()
+        return self.rows.read_range(start, stop)
 
     def gather(self, rows: torch.LongTensor, pin: bool = False) -> torch.Tensor:
         """Rows → a new ``[n, dim]`` tensor, in page-locked memory when ``pin`` (for an

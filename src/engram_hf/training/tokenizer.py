@@ -9,6 +9,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from ..offload.loading import check_local_exists
+
 EOS = "<|endoftext|>"
 
 
@@ -38,8 +40,7 @@ def load_tokenizer(name_or_path: str):
         if not path.is_dir():
             raise ValueError(f"Tokenizer path {path} is a file; give the directory that holds tokenizer files.")
         return AutoTokenizer.from_pretrained(str(path))
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
-        raise FileNotFoundError(f"Tokenizer directory {path} does not exist.")
+    check_local_exists(name_or_path, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except OSError as e:

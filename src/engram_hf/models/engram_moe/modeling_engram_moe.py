@@ -400,12 +400,20 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
             return super().save_pretrained(save_directory, *args, **kwargs)
         save = super().save_pretrained
 
+        stores = {key: e.table.store for key, e in offloaded.items()}
+
         def write(tmp):
+            # Before anything is read: the dense weights may be mapped from the same file as a
+            # table, and a truncated file faults (SIGBUS) on the first read past its new end.
+            for store in stores.values():
+                store.check_unchanged()
             save(tmp, *args, **kwargs)
             for e in offloaded.values():
                 e.table.wait_updates()
-            if offloaded:
-                add_streamed_tables(tmp, {key: e.table.store.rows for key, e in offloaded.items()})
+            if stores:
+                add_streamed_tables(tmp, stores)  # checks each store again before every block
+                for store in stores.values():  # ... and after: a file rewritten during the copy
+                    store.check_unchanged()
 
         return atomic_save_pretrained(write, save_directory)
 
