@@ -108,7 +108,8 @@ def test_case(case, gpt2_compression):
         engram = load_reference_engram(EngramMemory(config, layer), weights).eval()
         assert torch.equal(engram.row_ids(inputs) - engram.hasher.offsets, hash_ids)
         with torch.no_grad():
-            out = engram(tensors[f"layer{layer_id}.hidden_states"].float(), inputs)
+            hidden = tensors[f"layer{layer_id}.hidden_states"].float()
+            out = engram(hidden, inputs) - hidden  # the reference's output is before the residual add
         expected = tensors[f"layer{layer_id}.output"].float()
         where = f"{name} layer {layer_id}"
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=lambda m, where=where: f"{where}: {m}")

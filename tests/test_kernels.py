@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from engram_hf.ops import ConvParams, EngramInputs, HashParams, NormParams, use_backend
+from engram_hf.ops import ConvParams, EngramInputs, GateParams, HashParams, NormParams, TableRows, use_backend
 from engram_hf.ops.gate import naive as gate_naive
 from engram_hf.ops.hash_gather import naive as hg_naive
 from engram_hf.ops.short_conv import naive as conv_naive
@@ -54,7 +54,7 @@ def test_hash_gather_matches_twin(N, K, masked, dtype, sparse):
     weight = weight.to(dtype)
     w1 = weight.clone().requires_grad_()
     w2 = weight.clone().requires_grad_()
-    e1, rows1 = hg_naive.hash_gather(inputs, hashing, w1, sparse)
+    e1, rows1 = hg_naive.hash_gather(inputs, hashing, TableRows(w1), sparse)
     e2, rows2 = HashGatherFunction.apply(w2, inputs, hashing, sparse)
     assert torch.equal(rows1, rows2), "hash ids must match exactly"
     assert torch.equal(e1, e2), "the gather is a copy: bit-exact"
@@ -88,7 +88,7 @@ def test_gate_matches_twin(M, D, dtype):
     args = [key, hidden, value, wk, wq]
     twin = [a.detach().clone().requires_grad_() for a in args]
     out_k = GateFunction.apply(*args, None, 1e-6)
-    out_t = gate_naive.gate_value(*twin[:3], NormParams(twin[3], None), NormParams(twin[4], 1e-6))
+    out_t = gate_naive.gate_value(*twin[:3], GateParams(NormParams(twin[3], None), NormParams(twin[4], 1e-6)))
     torch.testing.assert_close(out_k, out_t, **TOL[dtype])
     grad = torch.randn(out_k.shape, generator=g).to(DEVICE, dtype)
     out_k.backward(grad)

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..memory.compression import TokenCompressor, build_compression_table, compressed_vocab_size
+from ..memory.dialect import get_dialect
 from ..memory.engram import EngramMemory
 from ..memory.hashing import HashBuffers, HashContract
 from .backbone import Backbone
@@ -31,7 +32,9 @@ class EngramAdapter(nn.Module):
         self.spec = spec
         self.memory_config = spec.memory_config(offload)
         self.contract = HashContract.from_config(self.memory_config)
-        self.compressor = TokenCompressor(spec.vocab_size, spec.compressed_vocab_size, spec.pad_id)
+        self.compressor = TokenCompressor(
+            spec.vocab_size, spec.compressed_vocab_size, spec.pad_id, get_dialect(spec.dialect).dead_masks
+        )
         self.layers = nn.ModuleDict(
             {str(i): EngramMemory(self.memory_config, self.contract.layer(i)) for i in spec.layer_ids}
         )
@@ -77,15 +80,20 @@ class EngramAdapter(nn.Module):
             t.copy_(torch.randn(t.shape, generator=g, dtype=torch.float32).mul_(std))
 
         for memory in self.layers.values():
-            if not memory.offloaded:
+            if memory.quantized and not memory.offloaded:
+                memory.table.reset_rows(std, g)
+            elif not memory.offloaded:
                 normal_(memory.table.weight)
             normal_(memory.key_proj.weight)
-            memory.key_proj.bias.zero_()
             memory.value_proj.weight.zero_()
-            memory.value_proj.bias.zero_()
+            for proj in (memory.key_proj, memory.value_proj):
+                if proj.bias is not None:  # the demo dialect's projections have biases
+                    proj.bias.zero_()
             for norm in (memory.key_norm, memory.query_norm, memory.conv_norm):
-                norm.weight.fill_(1.0)
-            memory.conv.weight.zero_()
+                if norm is not None:
+                    norm.weight.fill_(1.0)
+            if memory.conv is not None:
+                memory.conv.weight.zero_()
 
     def rebuild_hash_buffers(self) -> None:
         """Hash constants after a meta-device build (they are functions of the spec, never stored)."""
@@ -102,7 +110,12 @@ class EngramAdapter(nn.Module):
 
 
 def compression_for(
-    backbone: Backbone, tokenizer=None, table=None, pad_id: int | None = None, check_tokenizer: bool = True
+    backbone: Backbone,
+    tokenizer=None,
+    table=None,
+    pad_id: int | None = None,
+    check_tokenizer: bool = True,
+    dialect: str = "demo",
 ) -> tuple[torch.LongTensor, int]:
     """The compression table over the model's embedding rows, and the raw pad id Engram uses.
 
@@ -127,7 +140,7 @@ def compression_for(
             )
         if check_tokenizer:
             check_special_tokens(tokenizer, backbone)
-        table = build_compression_table(tokenizer, progress=n > 20_000)
+        table = build_compression_table(tokenizer, progress=n > 20_000, dialect=dialect)
         if pad_id is None:
             pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
     else:

@@ -131,7 +131,7 @@ class EngramAttachment(nn.Module):
             first = next(iter(self.adapters.values()))
             compression_table = first.compressor.lookup_table.cpu()
             pad_id = first.spec.pad_id if pad_id is None else pad_id
-        table, pad = compression_for(self.backbone, tokenizer, compression_table, pad_id, check_tokenizer)
+        table, pad = compression_for(self.backbone, tokenizer, compression_table, pad_id, check_tokenizer, spec.dialect)
         adapter = build_adapter(spec, self.backbone, table, pad, dtype)
         self._register(name, adapter)
         return adapter
@@ -268,8 +268,9 @@ class EngramAttachment(nn.Module):
         hidden = args[0] if args else kwargs["hidden_states"]
         device = memory.key_proj.weight.device
         x = hidden.to(device=device, dtype=memory.key_proj.weight.dtype)
+        # h + Engram(h), in Engram's dtype; at init Engram adds exactly 0, so this is h to the bit.
         y = memory(x.unsqueeze(2), state.inputs_on(device), state.cache).squeeze(2)
-        hidden = hidden + y.to(device=hidden.device, dtype=hidden.dtype)
+        hidden = y.to(device=hidden.device, dtype=hidden.dtype)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}

@@ -143,7 +143,9 @@ class TensorSource:
     def table_info(self, layer_id: int, key: str) -> TableInfo:
         file, stored, info = self.entries[key]
         rows, dim = info["shape"]
-        return TableInfo(layer_id, file, stored, int(rows), int(dim), info["dtype"])
+        scale_key = key.rsplit(".", 1)[0] + ".scale"
+        scale = self.entries[scale_key][:2] if scale_key in self.entries else None
+        return TableInfo(layer_id, file, stored, int(rows), int(dim), info["dtype"], scale)
 
 
 def _table_key(layer_id: int) -> str:
@@ -171,6 +173,8 @@ def load_adapter_weights(
     expected = adapter.state_dict()  # offloaded tables are not in it: they are bound to stores below
     tables = {i: _table_key(i) for i in spec.layer_ids}
     stored = set(expected) | set(tables.values())
+    if spec.table_format == "fp8":  # FP8 tables store their scales beside their codes
+        stored |= {key.rsplit(".", 1)[0] + ".scale" for key in tables.values()}
     missing = sorted(stored - source.keys())
     unexpected = sorted(source.keys() - stored)
     if missing or unexpected:
@@ -201,8 +205,8 @@ def load_adapter_weights(
             f"Engram adapter{where} addresses rows differently from when it was saved (fingerprint "
             f"{adapter.fingerprint()} != {fingerprint}): its compression table or spec was changed."
         )
-    if dtype is None:
-        dtype = next(t for k, t in state.items() if t.is_floating_point()).dtype
+    if dtype is None:  # the stored projections' dtype (an FP8 table's is its own)
+        dtype = state[f"layers.{spec.layer_ids[0]}.key_proj.weight"].dtype
     place_adapter(adapter, backbone, dtype)
     if tier is not None:
         for i, memory in adapter.memories().items():

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
+from ..memory.dialect import DIALECTS, TABLE_FORMATS
 from ..offload.tiers import check_tier
+from ..ops.fp8_rows import BLOCK as FP8_BLOCK
 
 # Bumped when the saved adapter layout changes incompatibly.
 ADAPTER_FORMAT = "engram-hf-adapter"
@@ -43,6 +45,11 @@ class EngramSpec:
         init_std: std of the initial table rows and key projection (None: the base config's
             ``initializer_range``, else 0.02). The value projection and the conv start at zero, so
             the attached model starts as the base model exactly.
+        dialect: ``"demo"`` (DeepSeek's reference) or ``"deepseek_v41"`` (DEAD masks, no conv, no
+            projection biases; see ``engram_hf.memory.dialect``).
+        table_format: ``"float"`` or ``"fp8"`` (E4M3 rows with E8M0 scales per 32 columns; not trained:
+            attach it with ``table_format="fp8"`` to hold tables read from V4.1, or quantise after training).
+        norm_eps: the gate norms' epsilon (None: the dialect's default).
 
     Filled in when attached (leave them None): ``vocab_size``, ``compressed_vocab_size``, ``pad_id``,
     ``hidden_size``.
@@ -56,6 +63,9 @@ class EngramSpec:
     kernel_size: int = 4
     seed: int = 0
     init_std: float | None = None
+    dialect: str = "demo"
+    table_format: str = "float"
+    norm_eps: float | None = None
     vocab_size: int | None = None
     compressed_vocab_size: int | None = None
     pad_id: int | None = None
@@ -102,7 +112,20 @@ class EngramSpec:
                 f"n_embed_per_ngram ({self.n_embed_per_ngram}) is not divisible by n_head_per_ngram "
                 f"({self.n_head_per_ngram})."
             )
-        if not _is_int(self.kernel_size) or self.kernel_size < 2:
+        if self.dialect not in DIALECTS:
+            raise ValueError(f"dialect must be one of {sorted(DIALECTS)}, got {self.dialect!r}.")
+        if self.table_format not in TABLE_FORMATS:
+            raise ValueError(f"table_format must be one of {TABLE_FORMATS}, got {self.table_format!r}.")
+        if self.table_format == "fp8" and self.head_dim % FP8_BLOCK:
+            raise ValueError(
+                f"FP8 tables need rows of a multiple of {FP8_BLOCK} values; n_embed_per_ngram / n_head_per_ngram "
+                f"is {self.head_dim}."
+            )
+        if self.norm_eps is not None and (
+            not isinstance(self.norm_eps, Real) or not math.isfinite(self.norm_eps) or self.norm_eps <= 0
+        ):
+            raise ValueError(f"norm_eps must be None or a positive number, got {self.norm_eps!r}.")
+        if DIALECTS[self.dialect].short_conv and (not _is_int(self.kernel_size) or self.kernel_size < 2):
             raise ValueError(
                 f"kernel_size must be an integer >= 2, got {self.kernel_size!r}: a width-1 conv keeps no state "
                 "to carry between decoding steps."
@@ -161,6 +184,9 @@ class EngramSpec:
             engram_seed=self.seed,
             engram_pad_id=self.pad_id,
             compressed_vocab_size=self.compressed_vocab_size,
+            engram_dialect=self.dialect,
+            engram_table_format=self.table_format,
+            engram_norm_eps=self.norm_eps,
             engram_offload=check_tier(offload),
         )
 
@@ -192,5 +218,8 @@ class MemoryConfig:
     engram_seed: int
     engram_pad_id: int
     compressed_vocab_size: int
+    engram_dialect: str = "demo"
+    engram_table_format: str = "float"
+    engram_norm_eps: float | None = None
     engram_offload: str | None = None
     hc_mult: int = field(default=1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..offload.safetensors_io import create_sized, index_tables, write_rows_at
+from ..offload.safetensors_io import create_sized, index_tables, table_arrays, write_rows_at
 from ..utils import commit_dir, keep_non_model_files, remove_stale_siblings, temp_sibling
 
 
@@ -35,6 +35,8 @@ def save_sharded_pretrained(model, save_directory, save_dense) -> Path:
     dist.broadcast_object_list(name, src=0)
     tmp = Path(name[0])
     tables = {key: e.table for key, e in model.engram_table_keys().items()}
+    # Per table, its stored tensors (the weight; FP8 tables also their scales), in one file.
+    arrays = {key: table_arrays(key, table.store) for key, table in tables.items()}
     files = {key: f"model-engram-table-{i}.safetensors" for i, key in enumerate(tables)}
     error = None
     try:
@@ -43,7 +45,10 @@ def save_sharded_pretrained(model, save_directory, save_dense) -> Path:
             for key, table in tables.items():
                 create_sized(
                     tmp / files[key],
-                    {key: ((table.num_embeddings, table.embedding_dim), table.store.dtype)},
+                    {
+                        name: ((table.num_embeddings, array.shape[1]), array.dtype)
+                        for name, array in arrays[key].items()
+                    },
                     metadata={"format": "pt"},
                 )
     except Exception as e:  # noqa: BLE001  (reported to every rank below, then raised)
@@ -52,12 +57,13 @@ def save_sharded_pretrained(model, save_directory, save_dense) -> Path:
     try:
         for key, table in tables.items():
             table.wait_updates()
-            write_rows_at(tmp / files[key], key, table.sharding.start, table.store)
+            for name, array in arrays[key].items():
+                write_rows_at(tmp / files[key], name, table.sharding.start, array)
     except Exception as e:  # noqa: BLE001
         error = e
     _agree(error, tmp, "write its rows")
     if rank == 0:
-        index_tables(tmp, files)
+        index_tables(tmp, {name: files[key] for key in tables for name in arrays[key]})
         commit_dir(tmp, target, keep_non_model_files)
     dist.barrier()
     return target

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..offload.stores import RowCache, RowStore, describe_table
+from ..offload.stores import RowCache, RowStore, check_store, describe_table
 from .exchange import exchange, exchange_counts
 from .sharding import RowSharding
 
@@ -31,9 +31,10 @@ class ShardedTable(nn.Module):
 
     rows_outside_parameters = True  # see EngramMemory.offloaded
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, tier: str | None):
+    def __init__(self, num_embeddings: int, embedding_dim: int, tier: str | None, quantized: bool = False):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.quantized = quantized
         self.tier = tier or "resident"
         self.store: RowStore | None = None
         self.cache: RowCache | None = None
@@ -59,6 +60,7 @@ class ShardedTable(nn.Module):
                 f"Rank {sharding.rank} must hold rows [{sharding.start}, {sharding.stop}) x {self.embedding_dim}, "
                 f"its store holds {store.num_rows} x {store.dim}."
             )
+        check_store(store, sharding.local_rows, self.embedding_dim, self.quantized)
         self.store, self.sharding, self.group, self.layer = store, sharding, group, layer
         self.cache = RowCache(store, cache_rows, cache_device) if cache_rows else None
         self.trainable = False
@@ -118,7 +120,8 @@ class ShardedTable(nn.Module):
             return self.cache.gather(local.cpu())
         return self.store.gather(local)
 
-    def forward(self, rows: torch.LongTensor) -> torch.Tensor:
+    def forward(self, rows: torch.LongTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The rows at ``rows``; FP8 rows cross ranks as stored bytes and are decoded to ``dtype`` here."""
         if self.store is None:
             raise RuntimeError("Sharded Engram table has no store bound (load it with from_pretrained).")
         flat = rows.reshape(-1)
@@ -128,7 +131,7 @@ class ShardedTable(nn.Module):
         wanted = exchange(unique, send, recv, "ids", self.group)  # ids other ranks need from this shard
         served = self._gather_local(wanted - self.sharding.start)
         values = exchange(served.to(rows.device), recv, send, "rows", self.group)  # back, in `unique` order
-        out = values[inverse].view(*rows.shape, self.embedding_dim)
+        out = self.store.decode(values, dtype or torch.float32)[inverse].view(*rows.shape, self.embedding_dim)
         if self.trainable and torch.is_grad_enabled():
             out = _ShardedRowGradients.apply(self.grad_anchor, out, inverse, unique.shape[0], send, recv, wanted, self)
         return out

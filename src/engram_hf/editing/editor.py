@@ -227,12 +227,18 @@ class _RowOverride:
 
         def lookup(inputs):
             e, hit_rows = original(inputs)
+            served = values
+            if engram.quantized:
+                # An FP8 table serves the rows rounded to FP8: optimise what will be served (the
+                # rounding passes the gradient straight through).
+                rounded = engram.decode_stored(engram.to_stored(values.detach())).to(values.device, values.dtype)
+                served = values + (rounded - values).detach()
             B, T, H = hit_rows.shape
             sorted_rows = rows.to(hit_rows.device)
             idx = torch.searchsorted(sorted_rows, hit_rows).clamp_max(sorted_rows.shape[0] - 1)
             hit = sorted_rows[idx] == hit_rows
             e = e.view(B, T, H, -1)
-            e = torch.where(hit[..., None], values.to(e.dtype)[idx], e.detach())
+            e = torch.where(hit[..., None], served.to(e.dtype)[idx], e.detach())
             return e.flatten(-2), hit_rows
 
         return lookup

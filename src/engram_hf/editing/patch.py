@@ -9,7 +9,9 @@ written; ``apply_to_checkpoint`` writes a patched copy of a checkpoint on disk w
 tables.
 
 File layout (safetensors, no pickle): tensors ``rows.{layer}`` (int64, sorted, unique),
-``old.{layer}`` and ``new.{layer}`` (``[n, head_dim]`` in the table's dtype), optionally
+``old.{layer}`` and ``new.{layer}`` (the rows as the table stores them: ``[n, head_dim]`` in the
+table's dtype, or for an FP8 table each row's code and scale bytes, ``uint8 [n, head_dim +
+head_dim/32]``, so that an edit rewrites both and reverting restores both), optionally
 ``dense_old.{name}`` / ``dense_new.{name}`` for dense parameters an edit also changed (the gate keys,
 ``key_proj``); the JSON metadata under ``engram_hf_patch``.
 """
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from ..memory.fp8_table import Fp8Table
+from ..ops.fp8_rows import BLOCK as FP8_BLOCK
 from ..utils import atomic_write_dir, atomic_write_file, clone_file
 from .rows import RowSet
 
@@ -83,7 +87,9 @@ class EngramPatch:
                 raise ValueError(f"Layer {layer}: a patch sets each row once; got duplicate row ids.")
             engram = layers[layer]
             rows[layer] = r
-            old[layer] = engram.read_rows(r).cpu()
+            old[layer] = engram.read_stored_rows(r).cpu()
+            if v.dtype != old[layer].dtype or v.shape[-1] != old[layer].shape[-1]:
+                v = engram.to_stored(v)  # decoded values of an FP8 table: encode them
             values[layer] = v.detach().to("cpu", old[layer].dtype).clone()
         dense_old, dense_clean = {}, {}
         for name, value in (dense_new or {}).items():
@@ -114,6 +120,11 @@ class EngramPatch:
     def changed_rows(self) -> int:
         """Rows whose new value differs from the old one."""
         return sum(int((self.old[i] != self.new[i]).any(-1).sum()) for i in self.rows)
+
+    def values(self, layer: int, which: str = "new") -> torch.Tensor:
+        """A layer's old or new rows as float32 values (FP8 rows decoded)."""
+        stored = (self.new if which == "new" else self.old)[layer]
+        return decode_stored(stored, self.layout[layer])
 
     # ------------------------------------------------------------------ checks
     def check_compatible(self, model) -> None:
@@ -152,7 +163,7 @@ class EngramPatch:
         layers = model.engram_layers()
         differ = total = 0
         for layer, rows in self.rows.items():
-            current = layers[layer].read_rows(rows).cpu()
+            current = layers[layer].read_stored_rows(rows).cpu()
             differ += int((current != expected[layer].to(current.dtype)).any(-1).sum())
             total += rows.numel()
         dense = [
@@ -201,7 +212,7 @@ class EngramPatch:
                 )
         layers = model.engram_layers()
         for layer, rows in self.rows.items():
-            layers[layer].write_rows(rows, values[layer])
+            layers[layer].write_stored_rows(rows, values[layer])
         for name, value in dense_values.items():
             p = model.get_parameter(name)
             p.copy_(value.to(p.device, p.dtype))
@@ -270,7 +281,7 @@ class EngramPatch:
                 raise ValueError(f"{path}: corrupt patch, tensor {e} missing.") from None
             rows_ok = r.dtype == torch.long and r.dim() == 1 and (r.numel() < 2 or bool((r[1:] > r[:-1]).all()))
             in_range = r.numel() == 0 or (int(r.min()) >= 0 and int(r.max()) < layout[layer]["num_rows"])
-            shapes_ok = o.shape == n.shape == (r.numel(), layout[layer]["head_dim"])
+            shapes_ok = o.shape == n.shape == (r.numel(), stored_width(layout[layer]))
             if not (rows_ok and in_range and shapes_ok):
                 raise ValueError(f"{path}: corrupt patch, layer {layer}'s rows or values are malformed.")
             rows[layer], old[layer], new[layer] = r, o, n
@@ -355,12 +366,13 @@ class EngramPatch:
     def summary(self) -> dict:
         per_layer = {}
         for layer, rows in sorted(self.rows.items()):
-            delta = (self.new[layer].float() - self.old[layer].float()).norm(dim=-1)
+            old = self.values(layer, "old")
+            delta = (self.values(layer, "new") - old).norm(dim=-1)
             per_layer[str(layer)] = {
                 "rows": rows.numel(),
-                "changed": int((delta > 0).sum()),
+                "changed": int((self.old[layer] != self.new[layer]).any(-1).sum()),
                 "max_row_change": float(delta.max()) if delta.numel() else 0.0,
-                "old_norm_mean": float(self.old[layer].float().norm(dim=-1).mean()) if rows.numel() else 0.0,
+                "old_norm_mean": float(old.norm(dim=-1).mean()) if rows.numel() else 0.0,
             }
         return {
             "fingerprint": self.fingerprint,
@@ -393,15 +405,30 @@ class EngramPatch:
 
 
 def model_layout(model) -> dict[int, dict]:
+    """Per Engram layer: rows, row width, and the stored dtype and row format (float or fp8)."""
     out = {}
     for layer, engram in model.engram_layers().items():
-        dtype = engram.read_rows(torch.zeros(1, dtype=torch.long)).dtype
+        dtype = engram.read_stored_rows(torch.zeros(1, dtype=torch.long)).dtype
         out[layer] = {
             "num_rows": int(engram.num_table_rows),
             "head_dim": int(engram.head_dim),
             "dtype": _dtype_name(dtype),
+            "format": "fp8" if engram.quantized else "float",
         }
     return out
+
+
+def stored_width(layout: dict) -> int:
+    """Elements of one stored row of a table with this layout."""
+    d = layout["head_dim"]
+    return d + d // FP8_BLOCK if layout.get("format") == "fp8" else d
+
+
+def decode_stored(stored: torch.Tensor, layout: dict) -> torch.Tensor:
+    """Stored rows of a table with this layout as float32 values."""
+    if layout.get("format") != "fp8":
+        return stored.float()
+    return Fp8Table.decode_bytes(stored, layout["head_dim"], torch.float32)
 
 
 def _shape(d: dict | None) -> str:

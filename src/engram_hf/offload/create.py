@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from ..ops import fp8_rows
 from ..utils import atomic_save_pretrained
 from .safetensors_io import add_streamed_tables
 
@@ -19,8 +20,8 @@ class RandomRows:
     """Rows drawn from N(0, std^2), reproducibly block by block: what ``_init_weights`` gives a
     resident table, produced in pieces."""
 
-    def __init__(self, shape: tuple[int, int], std: float, seed: int):
-        self.shape, self.std, self.seed = torch.Size(shape), std, seed
+    def __init__(self, shape: tuple[int, int], std: float, seed: int, fp8: bool = False):
+        self.shape, self.std, self.seed, self.fp8 = torch.Size(shape), std, seed, fp8
         self.dtype = torch.float32
 
     def _block(self, index: int) -> torch.Tensor:
@@ -34,6 +35,26 @@ class RandomRows:
         first = (start // _BLOCK_ROWS) * _BLOCK_ROWS
         return torch.cat(blocks)[start - first : stop - first]
 
+    def components(self) -> dict:
+        """What the checkpoint stores: the rows, or their FP8 codes and scales."""
+        if not self.fp8:
+            return {"weight": self}
+        return {"weight": _Encoded(self, "weight"), "scale": _Encoded(self, "scale")}
+
+
+class _Encoded:
+    """One part (codes or scales) of ``RandomRows`` encoded as FP8, block by block."""
+
+    def __init__(self, rows: RandomRows, part: str):
+        self.rows, self.part = rows, part
+        width = rows.shape[1] if part == "weight" else rows.shape[1] // fp8_rows.BLOCK
+        self.shape = torch.Size((rows.shape[0], width))
+        self.dtype = torch.float8_e4m3fn if part == "weight" else torch.float8_e8m0fnu
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        encoded = fp8_rows.encode_rows(self.rows.read_range(start, stop))
+        return encoded.weight if self.part == "weight" else encoded.scale
+
 
 def save_new_checkpoint(model_class, config, directory, compression_table=None, seed: int = 0) -> Path:
     """Initialise ``model_class(config)`` and save it to ``directory`` with its Engram tables streamed
@@ -45,8 +66,9 @@ def save_new_checkpoint(model_class, config, directory, compression_table=None, 
     model = model_class(config)
     if compression_table is not None:
         model.set_compression_table(compression_table)
+    fp8 = getattr(config, "engram_table_format", "float") == "fp8"
     tables = {
-        key: RandomRows((e.num_table_rows, e.head_dim), config.initializer_range, seed + i + 1)
+        key: RandomRows((e.num_table_rows, e.head_dim), config.initializer_range, seed + i + 1, fp8)
         for i, (key, e) in enumerate(model.engram_table_keys().items())
     }
 

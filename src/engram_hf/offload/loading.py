@@ -14,6 +14,7 @@ whole to the execution device at each forward, like any other weight.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from ..ops.fp8_rows import BLOCK as FP8_BLOCK
 from .stores import DiskRowStore, HostRowStore, dtype_size, safetensors_header
 from .tiers import check_cache_rows, check_tier
 
-_TABLE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.engram\.table\.weight$")
+_TABLE_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.engram\.table\.(weight|scale)$")
 # from_pretrained arguments that say where a checkpoint comes from (forwarded to file lookups).
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "trust_remote_code")
 
@@ -36,16 +38,33 @@ def hub_kwargs(kwargs: dict) -> dict:
 
 @dataclass
 class TableInfo:
+    """Where one layer's table is stored: its weight (``key`` in ``file``, ``rows x dim`` of safetensors
+    ``dtype``) and, for an FP8 table, its E8M0 scales (``scale = (file, key)``, ``rows x dim/32``)."""
+
     layer: int
     file: str
     key: str
     rows: int
     dim: int
     dtype: str
+    scale: tuple[str, str] | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one stored row (codes and scales for FP8)."""
+        scale = self.dim // FP8_BLOCK if self.quantized else 0
+        return self.dim * dtype_size(self.dtype) + scale
 
     @property
     def nbytes(self) -> int:
-        return self.rows * self.dim * dtype_size(self.dtype)
+        return self.rows * self.row_bytes
+
+    def with_rows(self, rows: int) -> TableInfo:
+        return dataclasses.replace(self, rows=rows)
 
 
 def is_local_name(name) -> bool:
@@ -97,14 +116,31 @@ def _weight_map(index: Path) -> dict:
 
 def checkpoint_tables(path, **kwargs) -> dict[int, TableInfo]:
     """Engram tables stored in a checkpoint, by layer, read from safetensors headers only."""
-    tables = {}
+    weights, scales = {}, {}
     for file in checkpoint_files(path, **kwargs):
         header, _ = safetensors_header(file)
         for key, info in header.items():
             m = _TABLE_KEY.search(key)
             if m and isinstance(info, dict):
-                rows, dim = info["shape"]
-                tables[int(m.group(1))] = TableInfo(int(m.group(1)), str(file), key, rows, dim, info["dtype"])
+                (weights if m.group(2) == "weight" else scales)[int(m.group(1))] = (str(file), key, info)
+    tables = {}
+    for layer, (file, key, info) in weights.items():
+        if len(info["shape"]) != 2:
+            raise ValueError(f"{file}: the Engram table {key} has shape {info['shape']}; a 2-D table is expected.")
+        rows, dim = info["shape"]
+        scale = scales.pop(layer, None)
+        if (info["dtype"] == "F8_E4M3") != (scale is not None):
+            raise ValueError(
+                f"{file}: the Engram table {key} is {info['dtype']} "
+                + ("without the E8M0 scales an FP8 table needs." if scale is None else f"but has scales ({scale[1]}).")
+            )
+        if scale is not None and scale[2]["shape"] != [rows, dim // FP8_BLOCK]:
+            raise ValueError(
+                f"{scale[0]}: {scale[1]} has shape {scale[2]['shape']}, expected {[rows, dim // FP8_BLOCK]}."
+            )
+        tables[layer] = TableInfo(layer, file, key, rows, dim, info["dtype"], scale[:2] if scale else None)
+    if scales:
+        raise ValueError(f"{path}: Engram table scales without tables, for layers {sorted(scales)}.")
     return tables
 
 
@@ -132,7 +168,7 @@ def _available_ram() -> int:
 
 def cache_bytes(tables: dict[int, TableInfo], cache_rows: int) -> int:
     """Bytes of hot-row caches of ``cache_rows`` rows over every table."""
-    return sum(min(cache_rows, t.rows) * t.dim * dtype_size(t.dtype) for t in tables.values())
+    return sum(min(cache_rows, t.rows) * t.row_bytes for t in tables.values())
 
 
 def host_bytes(tables: dict[int, TableInfo], tier: str | None, cache_rows: int = 0) -> int:
@@ -172,11 +208,22 @@ def check_table_memory(tables: dict[int, TableInfo], tier: str | None, cache_row
 def open_store(info: TableInfo, tier: str):
     """A row store over one checkpoint table: memory-mapped for "disk", read into RAM for "cpu"."""
     if tier == "disk":
-        return DiskRowStore(info.file, info.key)
+        return DiskRowStore(info.file, info.key, scale=info.scale)
+    weight, scale = _read_parts(info, None)
+    return HostRowStore(weight, scale=scale)
+
+
+def _read_parts(info: TableInfo, row_range: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The table's weight and (FP8) scales, or their rows ``[start, stop)``, read into RAM."""
     from safetensors import safe_open
 
-    with safe_open(info.file, framework="pt") as f:
-        return HostRowStore(_in_ram(f.get_tensor(info.key)))
+    def read(file: str, key: str) -> torch.Tensor:
+        with safe_open(file, framework="pt") as f:
+            if row_range is None:
+                return _in_ram(f.get_tensor(key))
+            return _in_ram(f.get_slice(key)[row_range[0] : row_range[1]])
+
+    return read(info.file, info.key), read(*info.scale) if info.quantized else None
 
 
 def _in_ram(mapped: torch.Tensor) -> torch.Tensor:
@@ -200,14 +247,11 @@ def open_shard_store(info: TableInfo, tier: str | None, row_range: tuple[int, in
     """One rank's rows of a table: a view of the memory map for "disk", else read into RAM (and, for
     a resident shard, moved to the compute device). Only these rows are read."""
     if tier == "disk":
-        return DiskRowStore(info.file, info.key, row_range=row_range)
-    from safetensors import safe_open
-
-    with safe_open(info.file, framework="pt") as f:
-        rows = _in_ram(f.get_slice(info.key)[row_range[0] : row_range[1]])
+        return DiskRowStore(info.file, info.key, row_range=row_range, scale=info.scale)
+    weight, scale = _read_parts(info, row_range)
     if tier is None:
-        return HostRowStore(rows.to(device), pin=False)
-    return HostRowStore(rows)
+        return HostRowStore(weight.to(device), pin=False, scale=scale.to(device) if scale is not None else None)
+    return HostRowStore(weight, scale=scale)
 
 
 def engram_from_pretrained(
@@ -282,7 +326,7 @@ def _sharded_from_pretrained(load, config_class, path, *args, tier, cache_rows, 
         sharding = RowSharding(info.rows, world, rank)
         if tier in (None, "cpu"):
             check_table_memory(
-                {layer: TableInfo(layer, info.file, info.key, sharding.local_rows, info.dim, info.dtype)},
+                {layer: info.with_rows(sharding.local_rows)},
                 "cpu" if tier else None,
             )
         stores[layer] = open_shard_store(info, tier, (sharding.start, sharding.stop), device)

@@ -85,6 +85,31 @@ class OverlayRows:
         return values
 
 
+class PackedRows:
+    """Several row arrays side by side, read as one: an FP8 table's codes then its scales, as bytes.
+    Read-only (FP8 tables are not trained)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.parts[0].shape[0], sum(p.shape[1] for p in self.parts)))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    def read(self, rows: torch.LongTensor) -> torch.Tensor:
+        return torch.cat([p.read(rows) for p in self.parts], dim=1)
+
+    def write(self, rows, values) -> None:
+        raise RuntimeError("FP8 table rows are read-only here; edits are served as patches.")
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        return torch.cat([p.read_range(start, stop) for p in self.parts], dim=1)
+
+
 def mapped_file_tensor(path: str | Path, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A tensor backed by a new, writable file of zeros (sparse: disk is used only where written)."""
     path = Path(path)

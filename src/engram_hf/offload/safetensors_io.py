@@ -23,7 +23,10 @@ _NAMES = {
     torch.float64: "F64",
     torch.int64: "I64",
     torch.int32: "I32",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e8m0fnu: "F8_E8M0",
 }
 BLOCK_BYTES = 64 << 20  # rows streamed per block: about 64 MiB at a time
 
@@ -128,13 +131,22 @@ def index_tables(directory, table_files: dict) -> None:
     atomic_write_file(index_path, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
 
 
+def table_arrays(key: str, store) -> dict:
+    """``{state-dict key: row array}`` of one table's stored tensors: ``<prefix>.weight`` and, for an
+    FP8 table, ``<prefix>.scale`` (``key`` names the weight)."""
+    prefix = key.rsplit(".", 1)[0]
+    return {f"{prefix}.{name}": array for name, array in store.components().items()}
+
+
 def add_streamed_tables(directory, tables: dict) -> None:
-    """Add ``{state-dict key: row array}`` to the checkpoint a ``save_pretrained`` just wrote in
-    ``directory``, one safetensors shard per table, streamed, and index every shard."""
+    """Add ``{weight's state-dict key: store (or anything with components())}`` to the checkpoint a
+    ``save_pretrained`` just wrote in ``directory``: one safetensors shard per table (its weight and,
+    for FP8, its scales), streamed, and index every shard."""
     directory = Path(directory)
     files = {}
-    for i, (key, rows) in enumerate(tables.items()):
+    for i, (key, store) in enumerate(tables.items()):
         name = f"model-engram-table-{i}.safetensors"
-        write_streamed(directory / name, {key: rows}, metadata={"format": "pt"}, progress=True)
-        files[key] = name
+        arrays = table_arrays(key, store)
+        write_streamed(directory / name, arrays, metadata={"format": "pt"}, progress=True)
+        files.update(dict.fromkeys(arrays, name))
     index_tables(directory, files)

@@ -3,6 +3,10 @@
 Row addresses depend only on token ids, so a store only ever serves "these rows, please": the host
 store indexes a tensor in RAM, the disk store a memory map of the tensor inside its safetensors
 file, which is never read whole (the OS pages in just the rows touched).
+
+Rows are served as stored: float rows, or FP8 rows packed as their code bytes then their scale
+bytes (264 bytes for a 256-wide row). They travel packed (to the cache, to the GPU, between ranks)
+and are decoded where they are used (``RowStore.decode``).
 """
 
 from __future__ import annotations
@@ -17,17 +21,23 @@ from pathlib import Path
 
 import torch
 
-from .rows import OverlayRows, TensorRows, mapped_file_tensor
+from ..ops import TableRows, decode_rows
+from ..ops.fp8_rows import BLOCK as FP8_BLOCK
+from .rows import OverlayRows, PackedRows, TensorRows, mapped_file_tensor
 
-# safetensors dtype names of the tables we serve, and what they are in torch.
+# safetensors dtype names of the tables we serve, and what they are in torch: float rows, or FP8
+# codes (F8_E4M3) with their E8M0 scales (F8_E8M0).
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu}
 
 
 def dtype_size(name: str) -> int:
-    """Bytes per element of a safetensors dtype name."""
-    if name not in SAFETENSORS_DTYPES:
-        raise ValueError(f"Engram tables must be one of {sorted(SAFETENSORS_DTYPES)}, got {name!r}.")
-    return SAFETENSORS_DTYPES[name].itemsize
+    """Bytes per element of a safetensors dtype name (of a table's weight or scale)."""
+    if name not in SAFETENSORS_DTYPES and name not in FP8_DTYPES:
+        raise ValueError(
+            f"Engram tables must be one of {sorted(SAFETENSORS_DTYPES)} (or FP8: {sorted(FP8_DTYPES)}), got {name!r}."
+        )
+    return {**SAFETENSORS_DTYPES, **FP8_DTYPES}[name].itemsize
 
 
 # Bytes per element of every safetensors dtype (the sub-byte float formats are left unchecked).
@@ -118,21 +128,44 @@ class RowStore:
     ``rows`` is the table as a row array (``engram_hf.offload.rows``): what training reads and writes.
     ``state(name, width)`` gives an optimizer state of ``width`` floats per row, kept where the
     table lives (RAM for host tables, a work file beside the overlay for disk tables).
+
+    ``dim`` is a row's width once decoded; ``width`` and ``dtype`` describe rows as stored: the
+    same for float tables, ``dim + dim/32`` bytes (``uint8``) for FP8 tables (``quantized``).
     """
 
     tier = "resident"
 
-    def __init__(self, num_rows: int, dim: int, dtype: torch.dtype):
-        self.num_rows, self.dim, self.dtype = num_rows, dim, dtype
+    def __init__(self, num_rows: int, dim: int, dtype: torch.dtype, quantized: bool = False):
+        self.num_rows, self.dim, self.quantized = num_rows, dim, quantized
+        self.dtype = torch.uint8 if quantized else dtype
+        self.width = dim + dim // FP8_BLOCK if quantized else dim
         self.rows = None
         self._states: dict[str, TensorRows] = {}
 
     @property
     def trainable(self) -> bool:
-        return True
+        return not self.quantized
 
     def make_trainable(self, work_dir=None) -> None:
         """Prepare the table to be written by training (disk tables need a work directory)."""
+        refuse_fp8_training(self.quantized)
+
+    def decode(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Stored rows ``[n, width]`` (on any device) → rows ``[n, dim]``: FP8 rows decoded to ``dtype``
+        exactly; float rows returned as they are."""
+        if not self.quantized:
+            return stored
+        return decode_rows(TableRows(stored[:, : self.dim], stored[:, self.dim :]), dtype)
+
+    def components(self) -> dict[str, object]:
+        """The tensors a checkpoint stores for this table, by name (``weight``; FP8 also ``scale``),
+        as row arrays a save streams (``read_range``, checked against the backing file)."""
+        if not self.quantized:
+            return {"weight": self}
+        return {
+            "weight": _Component(self, 0, self.dim, FP8_DTYPES["F8_E4M3"]),
+            "scale": _Component(self, self.dim, self.width, FP8_DTYPES["F8_E8M0"]),
+        }
 
     def _new_state(self, name: str, width: int) -> torch.Tensor:
         state = torch.zeros(self.num_rows, width, dtype=torch.float32)
@@ -154,14 +187,15 @@ class RowStore:
 
     @property
     def nbytes(self) -> int:
-        return self.num_rows * self.dim * self.dtype.itemsize
+        return self.num_rows * self.width * self.dtype.itemsize
 
     def check_unchanged(self) -> None:
         """Raise if the backing storage changed since the store was opened (disk stores check)."""
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.num_rows, self.dim))
+        """The stored rows' shape, ``[num_rows, width]``."""
+        return torch.Size((self.num_rows, self.width))
 
     def read_range(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` as they stand (training's writes included), for streaming a save.
@@ -174,6 +208,46 @@ class RowStore:
         """Rows → a new ``[n, dim]`` tensor, in page-locked memory when ``pin`` (for an
         asynchronous copy to a GPU straight from it)."""
         raise NotImplementedError
+
+
+def check_store(store: RowStore, rows: int, dim: int, quantized: bool) -> None:
+    """A store bound to a table must hold the rows, width and row format the config describes."""
+    if (store.num_rows, store.dim) != (rows, dim):
+        raise ValueError(f"Stored table is {store.num_rows}x{store.dim}, the config expects {rows}x{dim}.")
+    if store.quantized != quantized:
+        have, want = ("FP8", "float") if store.quantized else ("float", "FP8")
+        raise ValueError(
+            f"The stored table has {have} rows but the config says engram_table_format="
+            f"{'fp8' if quantized else 'float'} ({want} rows): load it with the config it was saved with, or "
+            "quantise it with `engram-hf quantize`."
+        )
+
+
+def refuse_fp8_training(quantized: bool) -> None:
+    """FP8 tables are for inference and editing: a row-wise update (lr times a normalised gradient,
+    about 1e-3 of a row's scale) is below E4M3's resolution (3 mantissa bits: steps of 6-12%), so
+    updates would round away unless a higher-precision master row were kept, which costs more than
+    the FP8 row saves. Train in float and quantise afterwards (``engram-hf quantize``)."""
+    if quantized:
+        raise RuntimeError(
+            "FP8 Engram tables cannot be trained: a row-wise update is far below E4M3's resolution and would "
+            "round away. Train the tables in float32/bfloat16, then quantise with `engram-hf quantize` (or "
+            "`engram_hf.quantize_checkpoint`); editing FP8 rows (engram_hf.editing) works as is."
+        )
+
+
+class _Component:
+    """One stored tensor of a packed FP8 table (its codes or its scales) as a row array for saving."""
+
+    def __init__(self, store: RowStore, start: int, stop: int, dtype: torch.dtype):
+        self.store, self.start, self.stop, self.dtype = store, start, stop, dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.store.num_rows, self.stop - self.start))
+
+    def read_range(self, start: int, stop: int) -> torch.Tensor:
+        return self.store.read_range(start, stop)[:, self.start : self.stop].contiguous().view(self.dtype)
 
 
 def describe_table(layer, num_rows: int, dim: int, rows: tuple[int, int] | None = None) -> str:
@@ -230,8 +304,13 @@ class HostRowStore(RowStore):
 
     tier = "cpu"
 
-    def __init__(self, table: torch.Tensor, pin: bool | None = None):
-        super().__init__(table.shape[0], table.shape[1], table.dtype)
+    def __init__(self, table: torch.Tensor, pin: bool | None = None, scale: torch.Tensor | None = None):
+        """``table`` ``[R, dim]``: float rows, or FP8 codes with their ``scale`` ``[R, dim/32]`` (packed
+        here into one ``uint8`` array of stored rows)."""
+        quantized = scale is not None
+        super().__init__(table.shape[0], table.shape[1], table.dtype, quantized)
+        if quantized:
+            table = torch.cat([table.view(torch.uint8), scale.view(torch.uint8)], dim=1)
         pin = torch.cuda.is_available() if pin is None else pin
         self.table = table.contiguous()
         self.registered = bool(pin) and not self.table.is_pinned() and pin_in_place(self.table)
@@ -244,25 +323,21 @@ class HostRowStore(RowStore):
         return read_rows(self.rows, rows, pin)
 
 
-class DiskRowStore(RowStore):
-    """Rows read on demand from a tensor inside a safetensors file, through a read-only memory map."""
+class _MappedTensor:
+    """A tensor inside a safetensors file, memory-mapped read-only and checked against later changes."""
 
-    tier = "disk"
-
-    def __init__(self, path: str | Path, key: str, row_range: tuple[int, int] | None = None):
+    def __init__(self, path: str | Path, key: str, dtypes: dict):
         header, data_start = safetensors_header(path)
         if key not in header:
             raise KeyError(f"{path} holds no tensor {key!r}.")
         info = header[key]
-        if info["dtype"] not in SAFETENSORS_DTYPES or len(info["shape"]) != 2:
-            raise ValueError(f"{path}:{key} is {info['dtype']} {info['shape']}; a 2-D float table is expected.")
-        super().__init__(info["shape"][0], info["shape"][1], SAFETENSORS_DTYPES[info["dtype"]])
-        begin, end = info["data_offsets"]
-        if end - begin != self.nbytes:
+        if info["dtype"] not in dtypes or len(info["shape"]) != 2:
             raise ValueError(
-                f"{path}:{key}: {end - begin} bytes on disk for a {self.nbytes}-byte table (corrupt file?)."
+                f"{path}:{key} is {info['dtype']} {info['shape']}; a 2-D {'/'.join(dtypes)} table is expected."
             )
-        self.path, self.key = str(path), key
+        self.path, self.key, self.dtype = str(path), key, dtypes[info["dtype"]]
+        self.shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
         self._file = open(path, "rb")
         st = os.fstat(self._file.fileno())
         if st.st_size < data_start + end:
@@ -278,15 +353,52 @@ class DiskRowStore(RowStore):
             # The map is read-only and never written through this tensor.
             warnings.simplefilter("ignore", UserWarning)
             flat = torch.frombuffer(
-                self._map, dtype=self.dtype, count=self.num_rows * self.dim, offset=data_start + begin
+                self._map, dtype=self.dtype, count=self.shape[0] * self.shape[1], offset=data_start + begin
             )
-        self.table = flat.view(self.num_rows, self.dim)
+        self.tensor = flat.view(self.shape)
+
+    def check_unchanged(self) -> None:
+        st = os.fstat(self._file.fileno())
+        if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
+            raise RuntimeError(
+                f"{self.path} changed on disk after the model was loaded (size or modification time differs); "
+                "its Engram table rows can no longer be trusted. Reload the model."
+            )
+
+
+class DiskRowStore(RowStore):
+    """Rows read on demand from a tensor inside a safetensors file, through a read-only memory map.
+
+    An FP8 table maps its codes and its scales (``scale=(path, key)``, possibly another shard file)
+    and serves them packed."""
+
+    tier = "disk"
+
+    def __init__(
+        self, path: str | Path, key: str, row_range: tuple[int, int] | None = None, scale: tuple | None = None
+    ):
+        weight = _MappedTensor(path, key, FP8_DTYPES if scale is not None else SAFETENSORS_DTYPES)
+        self.mapped = [weight]
+        if scale is not None:
+            self.mapped.append(_MappedTensor(*scale, FP8_DTYPES))
+            if self.mapped[1].shape != (weight.shape[0], weight.shape[1] // FP8_BLOCK):
+                raise ValueError(
+                    f"{scale[0]}:{scale[1]} has shape {list(self.mapped[1].shape)}; the FP8 table {path}:{key} "
+                    f"({list(weight.shape)}) needs one scale per {FP8_BLOCK} columns."
+                )
+        super().__init__(weight.shape[0], weight.shape[1], weight.dtype, quantized=scale is not None)
+        self.path, self.key = weight.path, key
+        parts = [m.tensor for m in self.mapped]
         if row_range is not None:
             # One rank's shard of a row-sharded table: a view of its rows, nothing else is touched.
             start, stop = row_range
-            self.table = self.table[start:stop]
+            parts = [t[start:stop] for t in parts]
             self.num_rows = stop - start
-        self.rows = ReadOnlyRows(self.table)
+        self.table = parts[0]
+        if self.quantized:
+            self.rows = PackedRows([ReadOnlyRows(t.view(torch.uint8)) for t in parts])
+        else:
+            self.rows = ReadOnlyRows(self.table)
         self.work_dir: Path | None = None
 
     @property
@@ -296,6 +408,7 @@ class DiskRowStore(RowStore):
     def make_trainable(self, work_dir=None) -> None:
         """Train over the checkpoint's rows without writing the checkpoint: written rows go to a
         sparse work file in ``work_dir`` (``engram_hf.offload.rows.OverlayRows``)."""
+        refuse_fp8_training(self.quantized)
         if self.work_dir is not None:
             return
         if work_dir is None:
@@ -315,12 +428,8 @@ class DiskRowStore(RowStore):
         )
 
     def check_unchanged(self) -> None:
-        st = os.fstat(self._file.fileno())
-        if (st.st_size, st.st_mtime_ns, st.st_ino) != self._identity:
-            raise RuntimeError(
-                f"{self.path} changed on disk after the model was loaded (size or modification time differs); "
-                "its Engram table rows can no longer be trusted. Reload the model."
-            )
+        for mapped in self.mapped:
+            mapped.check_unchanged()
 
     def gather(self, rows, pin=False):
         self.check_unchanged()
@@ -340,7 +449,7 @@ class RowCache:
             raise ValueError(f"cache capacity must be positive, got {capacity}.")
         self.store, self.capacity = store, capacity
         self.tags = torch.full((capacity,), -1, dtype=torch.long, device=device)
-        self.data = torch.empty(capacity, store.dim, dtype=store.dtype, device=device)
+        self.data = torch.empty(capacity, store.width, dtype=store.dtype, device=device)
         self.hits = 0
         self.misses = 0
 
@@ -357,7 +466,7 @@ class RowCache:
         hit = self.tags[slots] == rows.to(device)
         out = torch.empty(
             rows.shape[0],
-            self.store.dim,
+            self.store.width,
             dtype=self.store.dtype,
             device=device,
             pin_memory=pin and device.type == "cpu",

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..ops.hash_gather import row_gradient
-from .stores import RowCache, RowStore, describe_table
+from .stores import RowCache, RowStore, check_store, describe_table
 
 # One background worker serves every offloaded table: gathers are memory-bound, and ordering
 # them keeps the disk access pattern sequential per forward.
@@ -61,9 +61,10 @@ class OffloadedTable(nn.Module):
 
     rows_outside_parameters = True  # see EngramMemory.offloaded
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, tier: str):
+    def __init__(self, num_embeddings: int, embedding_dim: int, tier: str, quantized: bool = False):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.tier = num_embeddings, embedding_dim, tier
+        self.quantized = quantized  # FP8 rows (the config's engram_table_format), checked at bind
         self.store: RowStore | None = None
         self.cache: RowCache | None = None
         self._pending: tuple[torch.Tensor, Future] | None = None
@@ -83,11 +84,7 @@ class OffloadedTable(nn.Module):
         self._compute_device = torch.device("cpu")
 
     def bind(self, store: RowStore, cache_rows: int = 0, cache_device="cpu", layer: int | None = None) -> None:
-        if (store.num_rows, store.dim) != (self.num_embeddings, self.embedding_dim):
-            raise ValueError(
-                f"Stored table is {store.num_rows}x{store.dim}, the config expects "
-                f"{self.num_embeddings}x{self.embedding_dim}."
-            )
+        check_store(store, self.num_embeddings, self.embedding_dim, self.quantized)
         self.store = store
         self.cache = RowCache(store, cache_rows, cache_device) if cache_rows else None
         self.layer = layer
@@ -215,10 +212,13 @@ class OffloadedTable(nn.Module):
         future = _executor().submit(self._fetch, rows, _ready_event(rows))
         self._pending = (rows, future)
 
-    def forward(self, rows: torch.LongTensor) -> torch.Tensor:
+    def forward(self, rows: torch.LongTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The rows ``[..., dim]`` at ``rows``. FP8 tables travel as stored bytes and are decoded here,
+        on the compute device, to ``dtype`` (float32 if None); float rows keep the store's dtype."""
         if self.store is None:
             raise RuntimeError("Offloaded Engram table has no store bound (load it with from_pretrained).")
         self._compute_device = rows.device
+        dtype = dtype or torch.float32
         pending, self._pending = self._pending, None
         if pending is None or pending[0] is not rows:
             self.wait_updates()  # a direct read must see every update; prefetches queue behind them
@@ -228,8 +228,9 @@ class OffloadedTable(nn.Module):
         elif rows.device.type == "cpu" and self.cache is None:
             # CPU compute reading RAM or the page cache: gather straight from the store.
             self.synchronous += 1
-            values = self.store.gather(rows.reshape(-1)).view(*rows.shape, self.embedding_dim)
-            return self._with_grad(rows, self._apply_patches(rows, values))
+            values = self._apply_patches(rows, self.store.gather(rows.reshape(-1)))
+            values = self.store.decode(values, dtype).view(*rows.shape, self.embedding_dim)
+            return self._with_grad(rows, values)
         else:
             values, inverse, event = self._fetch(rows, _ready_event(rows))
             self.synchronous += 1
@@ -238,7 +239,8 @@ class OffloadedTable(nn.Module):
             stream.wait_event(event)
             values.record_stream(stream)  # allocated on the copy stream, consumed on this one
             inverse.record_stream(stream)
-        return self._with_grad(rows, values[inverse])
+        # Decoded once per unique row, then spread to every lookup.
+        return self._with_grad(rows, self.store.decode(values, dtype)[inverse])
 
     def _with_grad(self, rows: torch.LongTensor, values: torch.Tensor) -> torch.Tensor:
         if self.trainable and torch.is_grad_enabled():
@@ -246,11 +248,21 @@ class OffloadedTable(nn.Module):
         return values
 
     @torch.no_grad()
+    def read_stored(self, rows: torch.LongTensor) -> torch.Tensor:
+        """Rows as stored (FP8: packed bytes), patches applied: what a patch records."""
+        if self.store is None:
+            raise RuntimeError("Offloaded Engram table has no store bound (load it with from_pretrained).")
+        self.wait_updates()
+        rows = rows.reshape(-1).cpu()
+        return self._apply_patches(rows, self.store.gather(rows))
+
+    @torch.no_grad()
     def patch_rows(self, rows: torch.LongTensor, values: torch.Tensor) -> None:
-        """Serve ``values`` for ``rows`` from now on (a later patch of a row wins). The store, and so
-        the checkpoint file, is never written: ``clear_patches`` restores the stored rows exactly."""
+        """Serve ``values`` (rows as stored: packed bytes for FP8) for ``rows`` from now on (a later
+        patch of a row wins). The store, and so the checkpoint file, is never written:
+        ``clear_patches`` restores the stored rows exactly."""
         rows = rows.reshape(-1).long().cpu()
-        values = values.reshape(rows.shape[0], self.embedding_dim).detach().to("cpu", self.store.dtype)
+        values = values.reshape(rows.shape[0], self.store.width).detach().to("cpu", self.store.dtype)
         if self._patch_rows is not None:
             rows = torch.cat([self._patch_rows, rows])
             values = torch.cat([self._patch_values, values])
@@ -276,7 +288,7 @@ class OffloadedTable(nn.Module):
         if not bool(hit.any()):
             return values
         values = values.clone()
-        out = values.view(-1, self.embedding_dim)
+        out = values.view(-1, self.store.width)
         out[hit.to(out.device)] = self._patch_values[idx[hit]].to(out.device, out.dtype)
         return values
 

@@ -7,9 +7,10 @@ step's parameters (``inputs.py``), then the optional mask and state.
 """
 
 from .backend import get_backend, set_backend, use_backend, use_triton
+from .fp8_rows import decode_rows, encode_rows
 from .gate import gate_value
 from .hash_gather import hash_gather, hash_rows
-from .inputs import ConvParams, EngramInputs, HashParams, NormParams
+from .inputs import DEAD, ConvParams, EngramInputs, GateParams, HashParams, NormParams, TableRows
 from .short_conv import short_conv, short_conv_step
 
 __all__ = [
@@ -17,10 +18,15 @@ __all__ = [
     "set_backend",
     "use_backend",
     "use_triton",
+    "DEAD",
     "EngramInputs",
     "HashParams",
     "NormParams",
+    "GateParams",
     "ConvParams",
+    "TableRows",
+    "decode_rows",
+    "encode_rows",
     "hash_rows",
     "hash_gather",
     "gate_value",

@@ -24,10 +24,13 @@ def resolve_eps(eps: float | None) -> float:
 class EngramInputs:
     """What every Engram layer of one forward needs to address its rows.
 
-    ``ids``: canonical ids ``[B, T]`` (already compressed; ``pad`` at masked positions).
+    ``ids``: canonical ids ``[B, T]`` (already compressed). A masked position holds what the
+    dialect makes of it: ``pad`` (the demo's), or ``DEAD`` (``-1``, DeepSeek-V4.1's), which blocks
+    every n-gram that reaches back over it (the hash takes ``pad`` for it and for everything
+    older).
     ``prefix``: the ``N-1`` canonical ids before ``ids`` (``pad`` at a sequence start, the cached
-    ids when decoding). ``pad``: the canonical pad id (0-dim). ``mask``: ``[B, T]``, nonzero at real
-    tokens (None: all real).
+    ids, ``DEAD`` included, when decoding). ``pad``: the canonical pad id (0-dim). ``mask``:
+    ``[B, T]``, nonzero at real tokens (None: all real).
     """
 
     ids: torch.LongTensor
@@ -46,6 +49,10 @@ class EngramInputs:
         return torch.cat([self.prefix, self.ids], dim=1)
 
 
+# A canonical id that is no token: a masked position under a dialect whose masks block n-grams.
+DEAD = -1
+
+
 class HashParams(NamedTuple):
     """One layer's hash: odd multipliers ``[N]``, prime moduli and table offsets ``[(N-1)*K]``."""
 
@@ -54,11 +61,38 @@ class HashParams(NamedTuple):
     offsets: torch.LongTensor
 
 
+class TableRows(NamedTuple):
+    """A table's rows as stored, as the gather reads them.
+
+    ``weight`` ``[R, d]``: float rows (``scale`` None), or FP8 E4M3 codes (``float8_e4m3fn`` or
+    their bytes as ``uint8``) with ``scale`` ``[R, d/32]``: one E8M0 exponent byte per row and 32
+    columns (``float8_e8m0fnu`` or ``uint8``), so ``row[c] = code[c] * 2**(scale[c // 32] - 127)``,
+    exactly. Rows may be strided (a view of packed rows), columns are contiguous.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+
 class NormParams(NamedTuple):
     """An RMSNorm: weight ``[..., D]`` and epsilon (None: float32 machine epsilon)."""
 
     weight: torch.Tensor
     eps: float | None
+
+
+class GateParams(NamedTuple):
+    """The gate ``σ(ssqrt(<RMSNorm(k)·w_k, RMSNorm(h)·w_q> / √D))``: the key's and the hidden state's
+    norms, and the sign taken where the dot product is exactly zero (0: the demo's ``sign(0)``,
+    which gives σ(0) = 1/2; 1: DeepSeek-V4.1's positive root, σ(+√1e-6))."""
+
+    key_norm: NormParams
+    query_norm: NormParams
+    zero_sign: float = 0.0
 
 
 class ConvParams(NamedTuple):

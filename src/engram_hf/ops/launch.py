@@ -71,3 +71,10 @@ def segment_config(D: int) -> dict:
     """Table backward: SEGMENT_CHUNK lookups x BLOCK_D columns per program, reduced in registers."""
     block = min(next_power_of_2(D), 128)
     return dict(CHUNK=SEGMENT_CHUNK, BLOCK_D=block, num_warps=_warps(SEGMENT_CHUNK * block, per_thread=16))
+
+
+def decode_config(D: int) -> dict:
+    """FP8 row decode: BLOCK_R rows by the whole row (about 4096 bytes read per program)."""
+    bd = next_power_of_2(D)
+    block_r = max(1, min(64, 4096 // bd))
+    return dict(BLOCK_R=block_r, BLOCK_D=bd, num_warps=_warps(block_r * bd, per_thread=16))

@@ -10,7 +10,9 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 from engram_hf.memory.cache import NUM_CACHE_STATES
+from engram_hf.memory.dialect import DIALECTS, TABLE_FORMATS
 from engram_hf.offload.tiers import OFFLOAD_TIERS
+from engram_hf.ops.fp8_rows import BLOCK as FP8_BLOCK
 
 
 def _is_int(value) -> bool:
@@ -65,6 +67,13 @@ class EngramMoEConfig(PreTrainedConfig):
             default: `pad_token_id`, else `eos_token_id`, else 0),
         compressed_vocab_size: number of canonical ids of the tokenizer-compression table
             (default `vocab_size`, i.e. the identity table).
+        engram_dialect: `"demo"` (DeepSeek's reference, the default) or `"deepseek_v41"` (the
+            production dialect: DEAD masks, no conv, no projection biases, see
+            `engram_hf.memory.dialect`).
+        engram_norm_eps: epsilon of the gate's two RMSNorms (None: the dialect's default, float32
+            machine epsilon for demo, 1e-20 for deepseek_v41).
+        engram_table_format: `"float"` (tables in the model's dtype) or `"fp8"` (FP8 E4M3 rows with
+            one E8M0 scale per 32 columns: 264 bytes per 256-wide row; inference and editing only).
         engram_offload: where tables live at run time (None: model parameters; "cpu" / "disk": see
             `from_pretrained(engram_offload=...)`). A runtime setting, never written to config.json.
         engram_shard: split every table by rows over the ranks of the default process group (see
@@ -110,6 +119,9 @@ class EngramMoEConfig(PreTrainedConfig):
         engram_seed: int = 0,
         engram_pad_id: int | None = None,
         compressed_vocab_size: int | None = None,
+        engram_dialect: str = "demo",
+        engram_norm_eps: float | None = None,
+        engram_table_format: str = "float",
         engram_offload: str | None = None,
         engram_shard: bool = False,
         use_cache: bool = True,
@@ -161,6 +173,9 @@ class EngramMoEConfig(PreTrainedConfig):
             engram_pad_id = next((t for t in (pad_token_id, eos_token_id) if _is_int(t)), 0)
         self.engram_pad_id = engram_pad_id
         self.compressed_vocab_size = vocab_size if compressed_vocab_size is None else compressed_vocab_size
+        self.engram_dialect = engram_dialect
+        self.engram_norm_eps = engram_norm_eps
+        self.engram_table_format = engram_table_format
         # Runtime placement of the tables (set by from_pretrained(engram_offload=...)); never saved.
         self.engram_offload = engram_offload
         self.engram_shard = engram_shard
@@ -312,10 +327,22 @@ class EngramMoEConfig(PreTrainedConfig):
                 f"engram_n_embed_per_ngram ({self.engram_n_embed_per_ngram}) is not divisible by "
                 f"engram_n_head_per_ngram ({self.engram_n_head_per_ngram})."
             )
-        if self.engram_kernel_size < 2:
+        if self.engram_dialect not in DIALECTS:
+            raise ValueError(f"engram_dialect must be one of {sorted(DIALECTS)}, got {self.engram_dialect!r}.")
+        if DIALECTS[self.engram_dialect].short_conv and self.engram_kernel_size < 2:
             raise ValueError(
                 f"engram_kernel_size must be >= 2, got {self.engram_kernel_size}: a width-1 conv keeps no state "
                 "to carry between decoding steps."
+            )
+        if self.engram_norm_eps is not None:
+            positive_float(engram_norm_eps=self.engram_norm_eps)
+        if self.engram_table_format not in TABLE_FORMATS:
+            raise ValueError(f"engram_table_format must be one of {TABLE_FORMATS}, got {self.engram_table_format!r}.")
+        head_dim = self.engram_n_embed_per_ngram // self.engram_n_head_per_ngram
+        if self.engram_table_format == "fp8" and head_dim % FP8_BLOCK:
+            raise ValueError(
+                f"FP8 tables need rows of a multiple of {FP8_BLOCK} values (one scale per {FP8_BLOCK}); "
+                f"engram_n_embed_per_ngram / engram_n_head_per_ngram is {head_dim}."
             )
         if not _is_int(self.engram_seed) or self.engram_seed < 0:
             raise ValueError(f"engram_seed must be an integer >= 0, got {self.engram_seed!r}.")

@@ -29,7 +29,9 @@ from engram_hf.compat import OUTPUT_CACHE_FIELD, causal_mask, resolve_cache
 from engram_hf.layers.norm import RMSNorm
 from engram_hf.memory.cache import engram_inputs
 from engram_hf.memory.compression import TokenCompressor
+from engram_hf.memory.dialect import dialect_of
 from engram_hf.memory.engram import EngramMemory
+from engram_hf.memory.fp8_table import Fp8Table
 from engram_hf.memory.hashing import HashBuffers, HashContract
 from engram_hf.offload.loading import engram_from_pretrained, without_table_files
 
@@ -299,7 +301,7 @@ class EngramMoEDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.engram is not None and engram_inputs is not None:
-            streams = streams + self.engram(streams, engram_inputs, cache)
+            streams = self.engram(streams, engram_inputs, cache)
         x = self.input_layernorm(self.attn_hc.read_in(streams))
         x = self.self_attn(x, position_embeddings, attention_mask, cache)
         streams = self.attn_hc.write_out(streams, x)
@@ -328,8 +330,8 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
     _is_stateful = True
     # Resident tables may stay off accelerate's device map (transformers' escape hatch for huge
     # embeddings); offloaded tables are no parameters at all, so their checkpoint keys are skipped.
-    _no_placement_params = ["engram.table.weight"]
-    _keys_to_ignore_on_load_unexpected = [r"engram\.table\.weight"]
+    _no_placement_params = ["engram.table.weight", "engram.table.scale"]
+    _keys_to_ignore_on_load_unexpected = [r"engram\.table\.(weight|scale)"]
 
     def __init__(self, config: EngramMoEConfig, *args, **kwargs):
         # Fields may have been changed since the config was built: check them again here.
@@ -347,6 +349,10 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, Fp8Table):
+            # Encoded from N(0, std^2) block by block; rows a checkpoint provides are left alone.
+            if not getattr(module.weight, "_is_hf_initialized", False) and not module.weight.is_meta:
+                module.reset_rows(std)
         elif isinstance(module, nn.Conv1d):
             # Engram's short conv starts silent (SiLU(0) = 0): the memory enters through the gate first.
             init.zeros_(module.weight)
@@ -515,7 +521,9 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
         super().__init__(config)
         self.contract = HashContract.from_config(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
-        self.compressor = TokenCompressor(config.vocab_size, config.compressed_vocab_size, config.engram_pad_id)
+        self.compressor = TokenCompressor(
+            config.vocab_size, config.compressed_vocab_size, config.engram_pad_id, dialect_of(config).dead_masks
+        )
         self.layers = nn.ModuleList(
             [EngramMoEDecoderLayer(config, i, self.contract) for i in range(config.num_hidden_layers)]
         )

@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 from ..backend import use_triton
-from ..inputs import NormParams
+from ..inputs import GateParams
 from . import naive
 
 
-def gate_value(key, hidden, value, key_norm: NormParams, query_norm: NormParams):
-    """key, hidden ``[B, T, M, D]``, value ``[B, T, D]``, norm weights ``[M, D]`` → ``[B, T, M, D]``."""
+def gate_value(key, hidden, value, gate: GateParams, mask=None, residual: bool = False):
+    """key, hidden ``[B, T, M, D]``, value ``[B, T, D]``, norm weights ``[M, D]`` → ``[B, T, M, D]``.
+
+    ``mask`` ``[B, T]`` zeroes the gate where it is 0; ``residual`` returns ``hidden + α·v`` (added in
+    float32, rounded once) instead of ``α·v``.
+    """
     if use_triton(key):
         from .triton import GateFunction
 
-        return GateFunction.apply(key, hidden, value, key_norm.weight, query_norm.weight, key_norm.eps, query_norm.eps)
-    return naive.gate_value(key, hidden, value, key_norm, query_norm)
+        return GateFunction.apply(
+            key,
+            hidden,
+            value,
+            gate.key_norm.weight,
+            gate.query_norm.weight,
+            gate.key_norm.eps,
+            gate.query_norm.eps,
+            gate.zero_sign,
+            mask,
+            residual,
+        )
+    return naive.gate_value(key, hidden, value, gate, mask, residual)
 
 
 __all__ = ["gate_value"]

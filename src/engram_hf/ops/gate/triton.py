@@ -35,14 +35,18 @@ def _gate_fwd(
     v_ptr,
     wk_ptr,
     wq_ptr,
+    mask_ptr,
     out_ptr,
     stats_ptr,
     D: tl.int64,
     eps_k,
     eps_q,
     inv_sqrt_d,
+    zero_sign,
     M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -62,8 +66,10 @@ def _gate_fwd(
         rq = 1.0 / tl.sqrt(tl.sum(hh, axis=0) / D + eps_q)
         g = tl.sum(kh, axis=0) * rk * rq * inv_sqrt_d
         mag = tl.sqrt(tl.maximum(tl.abs(g), 1e-6))
-        z = tl.where(g > 0, mag, tl.where(g < 0, -mag, 0.0))
+        z = tl.where(g > 0, mag, tl.where(g < 0, -mag, zero_sign * mag))
         alpha = 1.0 / (1.0 + tl.exp(-z))
+        if HAS_MASK:  # a dead position: its streams pass through untouched
+            alpha = tl.where(tl.load(mask_ptr + tok) != 0, alpha, 0.0)
         sbase = (tok * M + m) * 4
         tl.store(stats_ptr + sbase + 0, rk)
         tl.store(stats_ptr + sbase + 1, rq)
@@ -73,7 +79,10 @@ def _gate_fwd(
             c = d0 + cols
             keep = c < D
             v = tl.load(v_ptr + tok * D + c, mask=keep, other=0.0).to(tl.float32)
-            tl.store(out_ptr + base + c, (alpha * v).to(out_ptr.dtype.element_ty), mask=keep)
+            y = alpha * v
+            if RESIDUAL:
+                y += tl.load(h_ptr + base + c, mask=keep, other=0.0).to(tl.float32)
+            tl.store(out_ptr + base + c, y.to(out_ptr.dtype.element_ty), mask=keep)
 
 
 @triton.jit
@@ -93,6 +102,7 @@ def _gate_bwd(
     inv_sqrt_d,
     M: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    RESIDUAL: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -125,7 +135,10 @@ def _gate_bwd(
             keep = c < D
             k, h, w = _load_branch(k_ptr, h_ptr, wk_ptr, wq_ptr, base, m * D, c, keep)
             tl.store(dk_ptr + base + c, coef * (w * h - s * rk * rk * k / D), mask=keep)
-            tl.store(dh_ptr + base + c, coef * (w * k - s * rq * rq * h / D), mask=keep)
+            dh = coef * (w * k - s * rq * rq * h / D)
+            if RESIDUAL:  # out = h + α·v: the output's gradient reaches h directly too
+                dh += tl.load(dout_ptr + base + c, mask=keep, other=0.0).to(tl.float32)
+            tl.store(dh_ptr + base + c, dh, mask=keep)
     # The shared value's gradient sums the branches: dv = Σ_m α_m dout_m.
     for d0 in range(0, D, BLOCK_D):
         c = d0 + cols
@@ -139,11 +152,13 @@ def _gate_bwd(
 
 class GateFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, key, hidden, value, wk, wq, eps_k, eps_q):
+    def forward(ctx, key, hidden, value, wk, wq, eps_k, eps_q, zero_sign=0.0, mask=None, residual=False):
         B, T, M, D = key.shape
         key, hidden, value = key.contiguous(), hidden.contiguous(), value.contiguous()
-        out = torch.empty_like(key, dtype=torch.result_type(key, value))
+        out_dtype = hidden.dtype if residual else torch.result_type(key, value)
+        out = torch.empty_like(key, dtype=out_dtype)
         stats = torch.empty(B * T, M, 4, device=key.device, dtype=torch.float32)
+        mask = mask.reshape(B, T).to(torch.int32).contiguous() if mask is not None else None
         if B * T:
             with device_guard(key):
                 _gate_fwd[(B * T,)](
@@ -152,15 +167,20 @@ class GateFunction(torch.autograd.Function):
                     value,
                     wk.contiguous(),
                     wq.contiguous(),
+                    mask if mask is not None else stats,  # never read without HAS_MASK
                     out,
                     stats,
                     D,
                     resolve_eps(eps_k),
                     resolve_eps(eps_q),
                     1.0 / math.sqrt(D),
+                    float(zero_sign),
                     M=M,
+                    HAS_MASK=mask is not None,
+                    RESIDUAL=bool(residual),
                     **row_config(D),
                 )
+        ctx.residual = bool(residual)
         ctx.save_for_backward(key, hidden, value, wk, wq, stats)
         return out
 
@@ -188,17 +208,10 @@ class GateFunction(torch.autograd.Function):
                     D,
                     1.0 / math.sqrt(D),
                     M=M,
+                    RESIDUAL=ctx.residual,
                     **row_config(D),
                 )
         # The norm weights' gradients are reductions over tokens: one einsum each.
         dw = torch.einsum("btm,btmd->md", coef, key.float() * hidden.float())
         dwk, dwq = dw * wq.float(), dw * wk.float()
-        return (
-            dk,
-            dh,
-            dv,
-            dwk.to(wk.dtype),
-            dwq.to(wq.dtype),
-            None,
-            None,
-        )
+        return (dk, dh, dv, dwk.to(wk.dtype), dwq.to(wq.dtype), None, None, None, None, None)

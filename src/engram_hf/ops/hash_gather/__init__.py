@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 from ..backend import use_triton
-from ..inputs import EngramInputs, HashParams
+from ..inputs import EngramInputs, HashParams, TableRows
 from . import naive
 from .naive import hash_rows
 
 
-def hash_gather(inputs: EngramInputs, hashing: HashParams, weight, sparse_grad: bool = False):
+def hash_gather(inputs: EngramInputs, hashing: HashParams, table: TableRows, sparse_grad: bool = False, dtype=None):
     """Canonical ids → (``e_t`` ``[B, T, H*d]``, global row ids ``[B, T, H]``).
 
     ``inputs.prefix`` holds the canonical ids before the first position (pads at a sequence start).
-    The table gradient is sparse by rows when ``sparse_grad``.
+    A float table's gradient is sparse by rows when ``sparse_grad``. An FP8 table is decoded to
+    ``dtype`` as it is gathered, exactly, and takes no gradient.
     """
-    if use_triton(weight):
-        from .triton import HashGatherFunction
+    if table.quantized and dtype is None:
+        raise ValueError("Gathering an FP8 table needs the dtype to decode its rows to.")
+    if use_triton(table.weight):
+        from .triton import HashGatherFunction, hash_gather_forward
 
-        return HashGatherFunction.apply(weight, inputs, hashing, sparse_grad)
-    return naive.hash_gather(inputs, hashing, weight, sparse_grad)
+        if table.quantized:
+            return hash_gather_forward(inputs, hashing, table, dtype)
+        return HashGatherFunction.apply(table.weight, inputs, hashing, sparse_grad)
+    return naive.hash_gather(inputs, hashing, table, sparse_grad, dtype)
 
 
 def row_gradient(rows, grad, shape, dtype):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..inputs import EngramInputs, HashParams
+from ..fp8_rows import naive as fp8
+from ..inputs import EngramInputs, HashParams, TableRows
 
 
 def hash_rows(inputs: EngramInputs, hashing: HashParams) -> torch.LongTensor:
@@ -14,16 +15,31 @@ def hash_rows(inputs: EngramInputs, hashing: HashParams) -> torch.LongTensor:
     For order ``n`` the n-gram ending at ``t`` mixes ``x[t-k] * m_k`` with XOR over ``k < n``; head
     ``j`` takes ``mix mod p_j``. int64 throughout: products cannot overflow, since multipliers are
     drawn below ``int64_max // compressed_vocab_size``.
+
+    A ``DEAD`` id (negative) blocks: ``x[t-k]`` is ``pad`` for it and for every older token, so no
+    n-gram reaches across it (DeepSeek-V4.1's rule; ids of the demo's dialect are never negative,
+    for which this is the plain XOR).
     """
     history = inputs.history()
     multipliers, moduli = hashing.multipliers, hashing.moduli
     n = multipliers.shape[0]
     n_ctx, T = n - 1, inputs.ids.shape[1]
     n_head = moduli.shape[0] // n_ctx
-    mix = history[:, n_ctx:] * multipliers[0]
+    pad = inputs.pad.to(history.device, history.dtype)
+    dead = history < 0
+
+    def token(k: int, blocked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x[t-k] as hashed, the latch after it) for every t."""
+        window = slice(n_ctx - k, n_ctx - k + T)
+        blocked = blocked | dead[:, window]
+        return torch.where(blocked, pad, history[:, window]), blocked
+
+    x, blocked = token(0, torch.zeros_like(dead[:, n_ctx:]))
+    mix = x * multipliers[0]
     blocks = []
     for k in range(1, n):
-        mix = torch.bitwise_xor(mix, history[:, n_ctx - k : n_ctx - k + T] * multipliers[k])
+        x, blocked = token(k, blocked)
+        mix = torch.bitwise_xor(mix, x * multipliers[k])
         blocks.append(torch.remainder(mix.unsqueeze(-1), moduli[(k - 1) * n_head : k * n_head]))
     return torch.cat(blocks, dim=-1)
 
@@ -35,9 +51,13 @@ def row_gradient(rows: torch.LongTensor, grad: torch.Tensor, shape, dtype) -> to
     return torch.sparse_coo_tensor(rows.reshape(1, -1).to(values.device), values, shape, check_invariants=False)
 
 
-def hash_gather(inputs: EngramInputs, hashing: HashParams, weight: torch.Tensor, sparse_grad: bool = False):
+def hash_gather(inputs: EngramInputs, hashing: HashParams, table: TableRows, sparse_grad: bool = False, dtype=None):
     """Returns ``(e, rows)``: ``e`` ``[B, T, H*d]`` the concatenated rows, ``rows`` ``[B, T, H]`` their
-    global indices (offsets added)."""
+    global indices (offsets added). FP8 tables are decoded to ``dtype`` (they take no gradient)."""
     rows = hash_rows(inputs, hashing) + hashing.offsets
-    e = F.embedding(rows.to(weight.device), weight, sparse=sparse_grad)
+    at = rows.to(table.weight.device)
+    if table.quantized:
+        stored = TableRows(table.weight.view(torch.uint8)[at], table.scale.view(torch.uint8)[at])
+        return fp8.decode(stored, dtype).flatten(-2), rows
+    e = F.embedding(at, table.weight, sparse=sparse_grad)
     return e.flatten(-2), rows

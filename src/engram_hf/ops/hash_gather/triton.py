@@ -11,7 +11,9 @@ import triton
 import triton.language as tl
 
 from ..backend import device_guard
-from ..inputs import EngramInputs, HashParams
+from ..fp8_rows.naive import BLOCK as FP8_BLOCK
+from ..fp8_rows.triton import as_bytes, e4m3_to_float
+from ..inputs import EngramInputs, HashParams, TableRows
 from ..launch import SEGMENT_CHUNK, gather_config, segment_config
 
 
@@ -19,10 +21,12 @@ from ..launch import SEGMENT_CHUNK, gather_config, segment_config
 def _hash_gather_fwd(
     ids_ptr,
     prefix_ptr,
+    pad_ptr,
     mult_ptr,
     moduli_ptr,
     offsets_ptr,
     w_ptr,
+    s_ptr,
     e_ptr,
     rows_ptr,
     n_tok,
@@ -34,6 +38,8 @@ def _hash_gather_fwd(
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    QUANT: tl.constexpr,
+    SCALE_BLOCK: tl.constexpr,
 ):
     # One program per BLOCK_T tokens, all heads: each order's mix is computed once and shared by
     # its heads, and the program copies BLOCK_T * H whole rows.
@@ -50,11 +56,16 @@ def _hash_gather_fwd(
     heads = heads32.to(tl.int64)
     mix = tl.zeros((BLOCK_T,), dtype=tl.int64)
     per_head = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.int64)
+    pad = tl.load(pad_ptr)
+    blocked = tl.zeros((BLOCK_T,), dtype=tl.int1)
     for k in tl.static_range(N):
         s = t - k
         inside = tl.load(ids_ptr + b * T + tl.maximum(s, 0), mask=tok_ok & (s >= 0), other=0)
         before = tl.load(prefix_ptr + b * (N - 1) + (N - 1) + s, mask=tok_ok & (s < 0), other=0)
         c = tl.where(s >= 0, inside, before)
+        # A DEAD id (negative) latches: it and every older token hash as the pad id.
+        blocked = blocked | (c < 0)
+        c = tl.where(blocked, pad, c)
         mix = mix ^ (c * tl.load(mult_ptr + k))
         if k >= 1:
             per_head = tl.where(head_last_k[None, :] == k, mix[:, None], per_head)
@@ -68,6 +79,10 @@ def _hash_gather_fwd(
     cols = tl.arange(0, BLOCK_D).to(tl.int64)
     ok3 = ok[:, :, None] & (cols < D)[None, None, :]
     vals = tl.load(w_ptr + row[:, :, None] * D + cols[None, None, :], mask=ok3)
+    if QUANT:
+        # FP8 rows: the codes' bytes and one scale byte per SCALE_BLOCK columns, decoded exactly.
+        sc = tl.load(s_ptr + row[:, :, None] * (D // SCALE_BLOCK) + cols[None, None, :] // SCALE_BLOCK, mask=ok3)
+        vals = e4m3_to_float(vals, sc).to(e_ptr.dtype.element_ty)
     out = (tok[:, None, None] * H + heads[None, :, None]) * D + cols[None, None, :]
     tl.store(e_ptr + out, vals, mask=ok3)
 
@@ -109,12 +124,15 @@ def _segment_sum(partial_ptr, first_chunk_ptr, n_chunks_ptr, out_ptr, D, CHUNK: 
     tl.store(out_ptr + seg * D + cols, acc, mask=keep)
 
 
-def hash_gather_forward(inputs: EngramInputs, hashing: HashParams, weight: torch.Tensor):
+def hash_gather_forward(inputs: EngramInputs, hashing: HashParams, table: TableRows, dtype=None):
+    """(e, rows); an FP8 ``table`` is decoded to ``dtype``."""
     ids = inputs.ids.contiguous()
     B, T = ids.shape
+    weight = as_bytes(table.weight).contiguous() if table.quantized else table.weight.contiguous()
+    scale = as_bytes(table.scale).contiguous() if table.quantized else weight  # never read unless QUANT
     H, D = hashing.moduli.shape[0], weight.shape[1]
     N = hashing.multipliers.shape[0]
-    e = torch.empty(B, T, H * D, device=weight.device, dtype=weight.dtype)
+    e = torch.empty(B, T, H * D, device=weight.device, dtype=dtype if table.quantized else weight.dtype)
     rows = torch.empty(B, T, H, device=ids.device, dtype=torch.long)
     if B * T == 0:
         return e, rows
@@ -123,10 +141,12 @@ def hash_gather_forward(inputs: EngramInputs, hashing: HashParams, weight: torch
         _hash_gather_fwd[(triton.cdiv(B * T, cfg["BLOCK_T"]),)](
             ids,
             inputs.prefix.contiguous(),
+            inputs.pad.reshape(1).to(ids.device, torch.long),
             hashing.multipliers,
             hashing.moduli,
             hashing.offsets,
-            weight.contiguous(),
+            weight,
+            scale,
             e,
             rows,
             B * T,
@@ -135,6 +155,8 @@ def hash_gather_forward(inputs: EngramInputs, hashing: HashParams, weight: torch
             D,
             H // (N - 1),
             N=N,
+            QUANT=table.quantized,
+            SCALE_BLOCK=FP8_BLOCK,
             **cfg,
         )
     return e, rows
@@ -174,7 +196,7 @@ def table_grad_rows(rows: torch.LongTensor, grad_rows: torch.Tensor):
 class HashGatherFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, inputs: EngramInputs, hashing: HashParams, sparse_grad: bool):
-        e, rows = hash_gather_forward(inputs, hashing, weight)
+        e, rows = hash_gather_forward(inputs, hashing, TableRows(weight))
         ctx.save_for_backward(rows)
         ctx.table_shape, ctx.sparse_grad, ctx.dtype = weight.shape, sparse_grad, weight.dtype
         ctx.mark_non_differentiable(rows)
