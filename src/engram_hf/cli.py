@@ -119,10 +119,25 @@ def _experiment(args) -> int:
 def _inspect(args) -> int:
     import json
 
-    from .offload.inspect import describe_checkpoint, format_description
+    from .deepseek_v41 import is_v41_checkpoint, open_v41
+    from .offload.inspect import describe_checkpoint, format_description, format_v41
 
+    if is_v41_checkpoint(args.path):
+        d = open_v41(args.path).describe()
+        print(json.dumps(d, indent=2) if args.json else format_v41(d))
+        return 0
     d = describe_checkpoint(args.path, None if args.engram_offload == "none" else args.engram_offload, args.cache_rows)
     print(json.dumps(d, indent=2) if args.json else format_description(d))
+    return 0
+
+
+def _quantize(args) -> int:
+    import json
+
+    from .quantize import format_report, quantize_checkpoint
+
+    report = quantize_checkpoint(args.path, args.out, progress=not args.json)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -191,19 +206,31 @@ def _prepare_data(args) -> int:
 
 
 def _load_for_editing(args):
-    """The model (tables on the tier asked for) and its tokenizer, for the editing commands."""
+    """The model (tables on the tier asked for) and its tokenizer, for the editing commands. A
+    DeepSeek-V4.1 checkpoint gives its Engram alone, under stand-in hidden states (``V41StandIn``)."""
     from transformers import AutoModelForCausalLM
 
+    from .deepseek_v41 import V41StandIn, is_v41_checkpoint, load_engram_v41, open_v41
     from .training.tokenizer import load_tokenizer
 
     tier = None if args.engram_offload == "none" else args.engram_offload
-    model = AutoModelForCausalLM.from_pretrained(args.model, engram_offload=tier).eval()
     try:
         tokenizer = load_tokenizer(args.tokenizer or args.model)
     except (OSError, ValueError) as e:
         raise UsageError(
             f"no tokenizer in {args.tokenizer or args.model} ({e}); give one with --tokenizer DIR"
         ) from None
+    if is_v41_checkpoint(args.model):
+        engram = load_engram_v41(args.model, tokenizer, engram_offload=tier or "disk")
+        hidden = None
+        if getattr(args, "hidden_states", None):
+            from safetensors.torch import load_file
+
+            hidden = {int(k.split(".")[-1]): v for k, v in load_file(args.hidden_states).items()}
+        return V41StandIn(engram, open_v41(args.model), hidden), tokenizer
+    if getattr(args, "hidden_states", None):
+        raise UsageError("--hidden-states applies to DeepSeek-V4.1 checkpoints (whose model engram-hf does not run)")
+    model = AutoModelForCausalLM.from_pretrained(args.model, engram_offload=tier).eval()
     return model, tokenizer
 
 
@@ -407,6 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=_inspect)
 
+    qu = sub.add_parser(
+        "quantize",
+        help="copy a checkpoint or adapter with its Engram tables in FP8 (E4M3 + E8M0 per 32 columns); report the error",
+    )
+    qu.add_argument("path", help="EngramMoE checkpoint or Engram adapter directory (never modified)")
+    qu.add_argument("--out", required=True, help="new directory for the quantised copy")
+    qu.add_argument("--json", action="store_true")
+    qu.set_defaults(func=_quantize)
+
     ev = sub.add_parser(
         "eval",
         help="lm-eval (MMLU, BBH, HumanEval, MATH, RULER) on a checkpoint, offline, Engram masked or not",
@@ -480,6 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     editing_model_args(loc)
     loc.add_argument("--text", required=True)
+    loc.add_argument(
+        "--hidden-states",
+        help="DeepSeek-V4.1 checkpoints: a safetensors file of the Engram layers' inputs, keys layer.<id> [1, T, hc, D] "
+        "(default: the tokens' input embeddings stand in)",
+    )
     loc.add_argument("--examples", type=int, default=3, help="corpus contexts shown per row (collisions first)")
     loc.set_defaults(func=_locate)
 

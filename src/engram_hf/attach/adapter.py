@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..memory.compression import TokenCompressor, build_compression_table, compressed_vocab_size
 from ..memory.dialect import get_dialect
+from ..memory.cache import engram_inputs
 from ..memory.engram import EngramMemory
 from ..memory.hashing import HashBuffers, HashContract
 from .backbone import Backbone
@@ -63,6 +64,31 @@ class EngramAdapter(nn.Module):
     def fingerprint(self) -> str:
         """Digest of the hash contract and the compression table: equal fingerprints, equal addressing."""
         return self.contract.fingerprint(self.compressor.lookup_table)
+
+    # The interface the editing tools read (as on EngramMoE models), so row edits and patches work on
+    # an adapter alone, e.g. V4.1's tables read without their model.
+    def engram_layers(self) -> dict[int, EngramMemory]:
+        return self.memories()
+
+    @property
+    def hash_contract(self) -> HashContract:
+        return self.contract
+
+    def engram_fingerprint(self) -> str:
+        return self.fingerprint()
+
+    def engram_inputs(self, input_ids: torch.LongTensor, attention_mask=None):
+        """Compressed ids and their n-gram context (a sequence start) for every layer's lookup."""
+        mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
+        canonical, pad = self.compressor(input_ids, mask)
+        return engram_inputs(canonical, pad, self.spec.max_ngram_size - 1, mask)
+
+    def row_ids(self, input_ids: torch.LongTensor, attention_mask=None) -> dict:
+        """Global row ids ``[B, T, (N-1)K]`` each layer reads for sequences starting at ``input_ids``."""
+        inputs = self.engram_inputs(input_ids, attention_mask)
+        return {i: m.row_ids(inputs) for i, m in self.memories().items()}
+
+    engram_row_ids = row_ids
 
     @torch.no_grad()
     def reset_parameters(self, std: float) -> None:

@@ -145,6 +145,11 @@ class EngramAttachment(nn.Module):
     def _register(self, name: str, adapter: EngramAdapter) -> None:
         """Add a built adapter (placed beside its layers) and hook its layers."""
         self._check_new_name(name)
+        if adapter.spec.hc_mult != 1:
+            raise ValueError(
+                f"Engram adapter {name!r} has {adapter.spec.hc_mult} residual branches (hc_mult); an attached Engram "
+                "has one. (Attach V4.1's tables with engram_hf.deepseek_v41.attach_v41_tables.)"
+            )
         if adapter.spec.vocab_size != self.backbone.vocab_rows or adapter.spec.hidden_size != self.backbone.hidden_size:
             raise ValueError(
                 f"Engram adapter {name!r} was made for a model with {adapter.spec.vocab_size} token ids and hidden "
@@ -196,11 +201,7 @@ class EngramAttachment(nn.Module):
 
     def row_ids(self, input_ids: torch.LongTensor, attention_mask=None, name: str | None = None) -> dict:
         """Global row ids ``[B, T, (N-1)K]`` each Engram layer reads for sequences starting at ``input_ids``."""
-        adapter = self.adapter(name)
-        mask = attention_mask[:, -input_ids.shape[1] :] if attention_mask is not None else None
-        canonical, pad = adapter.compressor(input_ids, mask)
-        inputs = engram_inputs(canonical, pad, adapter.spec.max_ngram_size - 1, mask)
-        return {i: m.row_ids(inputs) for i, m in adapter.memories().items()}
+        return self.adapter(name).row_ids(input_ids, attention_mask)
 
     # ------------------------------------------------------------------ the forward
     def _on_decoder_call(self, module, args, kwargs):

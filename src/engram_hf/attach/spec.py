@@ -30,7 +30,9 @@ def _is_int(value) -> bool:
 
 @dataclass
 class EngramSpec:
-    """An Engram memory to attach to a pretrained causal LM (one residual branch, ``hc_mult=1``).
+    """An Engram memory to attach to a pretrained causal LM (one residual branch, ``hc_mult=1``; a
+    spec with more branches describes tables read from a hyper-connected model, such as
+    DeepSeek-V4.1's, which are used stand-alone).
 
     Args:
         layer_ids: decoder layers (0-based) that get Engram before them; their order allocates the
@@ -66,6 +68,7 @@ class EngramSpec:
     dialect: str = "demo"
     table_format: str = "float"
     norm_eps: float | None = None
+    hc_mult: int = 1
     vocab_size: int | None = None
     compressed_vocab_size: int | None = None
     pad_id: int | None = None
@@ -112,6 +115,8 @@ class EngramSpec:
                 f"n_embed_per_ngram ({self.n_embed_per_ngram}) is not divisible by n_head_per_ngram "
                 f"({self.n_head_per_ngram})."
             )
+        if not _is_int(self.hc_mult) or self.hc_mult <= 0:
+            raise ValueError(f"hc_mult must be a positive integer, got {self.hc_mult!r}.")
         if self.dialect not in DIALECTS:
             raise ValueError(f"dialect must be one of {sorted(DIALECTS)}, got {self.dialect!r}.")
         if self.table_format not in TABLE_FORMATS:
@@ -188,6 +193,7 @@ class EngramSpec:
             engram_table_format=self.table_format,
             engram_norm_eps=self.norm_eps,
             engram_offload=check_tier(offload),
+            hc_mult=self.hc_mult,
         )
 
     # ------------------------------------------------------------------ (de)serialisation

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..memory.fp8_table import Fp8Table
+from ..offload.stores import SAFETENSORS_DTYPES
 from ..ops.fp8_rows import BLOCK as FP8_BLOCK
 from ..utils import atomic_write_dir, atomic_write_file, clone_file
 from .rows import RowSet
@@ -471,15 +472,23 @@ def apply_to_checkpoint(
     elsewhere. The copy shares nothing a write can reach: the source checkpoint is never modified,
     neither now nor by later writes into the copy.
     """
-    from transformers import AutoModelForCausalLM
-
+    from ..deepseek_v41 import V41Checkpoint, is_v41_checkpoint, load_engram_v41
     from ..offload.loading import checkpoint_tables
-    from ..offload.stores import SAFETENSORS_DTYPES, safetensors_header
+    from ..offload.stores import dtype_size, safetensors_header
 
     src = Path(checkpoint)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a local checkpoint directory.")
-    model = AutoModelForCausalLM.from_pretrained(src, engram_offload="disk")
+
+    def open_model(path: Path):
+        """The checkpoint's Engram with its tables memory-mapped (never loaded), and where they are."""
+        if is_v41_checkpoint(path):
+            return load_engram_v41(path, engram_offload="disk"), V41Checkpoint(path).tables()
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, engram_offload="disk"), checkpoint_tables(path)
+
+    model, tables = open_model(src)
     expected, values = (patch.new, patch.old) if revert else (patch.old, patch.new)
     dense_expected, dense_values = (patch.dense_new, patch.dense_old) if revert else (patch.dense_old, patch.dense_new)
     patch.check_compatible(model)
@@ -492,26 +501,31 @@ def apply_to_checkpoint(
             + f" do not hold the patch's {'new' if revert else 'old'} values."
         )
     del model
-    tables = checkpoint_tables(src)
-    # file -> [(byte offset of row 0 in the file, row bytes, dtype, rows, values)]
+    # file -> [(byte offset of row 0 of the tensor in the file, row bytes, rows, values as bytes)]
     writes: dict[str, list] = {}
+
+    def add(file: str, key: str, rows: torch.LongTensor, raw: torch.Tensor) -> None:
+        header, start = safetensors_header(file)
+        info = header[key]
+        row_bytes = info["shape"][1] * dtype_size(info["dtype"])
+        raw = raw.contiguous().view(torch.uint8).reshape(rows.numel(), -1)
+        if raw.shape[1] != row_bytes:
+            raise PatchMismatchError(f"{file}:{key} stores rows of {row_bytes} bytes; the patch has {raw.shape[1]}.")
+        writes.setdefault(file, []).append((start + info["data_offsets"][0], row_bytes, rows, raw))
+
     for layer, rows in patch.rows.items():
         info = tables[layer]
-        header, start = safetensors_header(info.file)
-        begin = header[info.key]["data_offsets"][0]
-        dtype = SAFETENSORS_DTYPES[info.dtype]
-        writes.setdefault(info.file, []).append(
-            (start + begin, info.dim * dtype.itemsize, rows, values[layer].to(dtype))
-        )
+        stored = values[layer]
+        if info.quantized:  # FP8 rows: codes into the table, scale bytes into its scales
+            add(info.file, info.key, rows, stored[:, : info.dim])
+            add(info.scale[0], info.scale[1], rows, stored[:, info.dim :])
+        else:
+            add(info.file, info.key, rows, stored.to(SAFETENSORS_DTYPES[info.dtype]))
     for name, value in dense_values.items():
         file = _file_holding(src, name)
-        header, start = safetensors_header(file)
-        meta = header[name]
-        dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-        flat = value.to(dtype).reshape(1, -1)
-        writes.setdefault(str(file), []).append(
-            (start + meta["data_offsets"][0], flat.numel() * dtype.itemsize, torch.zeros(1, dtype=torch.long), flat)
-        )
+        meta = safetensors_header(file)[0][name]
+        flat = value.to(SAFETENSORS_DTYPES[meta["dtype"]]).reshape(1, -1)
+        add(str(file), name, torch.zeros(1, dtype=torch.long), flat)
 
     def write(tmp: Path) -> None:
         for entry in src.iterdir():
@@ -521,8 +535,7 @@ def apply_to_checkpoint(
             elif str(entry) in writes or str(entry.resolve()) in writes:
                 clone_file(entry, dest)  # independent of the source: the rows are written below
                 with open(dest, "r+b") as f:
-                    for base, row_bytes, rows, vals in writes.get(str(entry), writes.get(str(entry.resolve()), [])):
-                        raw = vals.contiguous().view(torch.uint8).reshape(rows.numel(), row_bytes)
+                    for base, row_bytes, rows, raw in writes.get(str(entry), writes.get(str(entry.resolve()), [])):
                         for r, b in zip(rows.tolist(), raw):
                             f.seek(base + r * row_bytes)
                             f.write(b.numpy().tobytes())
@@ -535,7 +548,7 @@ def apply_to_checkpoint(
                 clone_file(entry, dest)
 
     out = atomic_write_dir(out_dir, write)
-    check = AutoModelForCausalLM.from_pretrained(out, engram_offload="disk")
+    check, _ = open_model(out)
     differ, total, dense = patch._differing(check, values, dense_values)
     if differ or dense:
         raise RuntimeError(f"The patched checkpoint {out} does not read back as written ({differ} rows differ).")

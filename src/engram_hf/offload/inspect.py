@@ -80,3 +80,20 @@ def format_description(d: dict) -> str:
     for device, n in d["memory"].items():
         lines.append(f"  {device:<22} {_fmt(n)}")
     return "\n".join(lines)
+
+
+def format_v41(d: dict) -> str:
+    """``engram-hf inspect`` of a DeepSeek-V4.1 checkpoint (``deepseek_v41.V41Checkpoint.describe``)."""
+    lines = [
+        f"DeepSeek-V4.1 Engram in {d['path']} (dialect {d['dialect']}): layers {d['layer_ids']}, n-grams 2..{d['max_ngram_size']}, "
+        f"{d['heads_per_order']} heads per order, rows of {d['head_dim']}, base table size {d['base_table_size']:,}, "
+        f"{d['compressed_vocab_size']:,} canonical ids, {d['hc_mult']} streams of {d['hidden_size']}",
+    ]
+    for t in d["tables"]:
+        lines.append(
+            f"  layer {t['layer']}: {t['rows']:,} rows x {t['dim']} {t['format']} = {_fmt(t['bytes'])} "
+            f"({t['bytes_per_row']} B/row) in {t['file']}; wkv {t['wkv'][0]}x{t['wkv'][1]} FP8"
+        )
+    total = sum(t["bytes"] for t in d["tables"])
+    lines.append(f"  tables: {_fmt(total)} (memory-mapped on the disk tier: only the rows a text reads are paged in)")
+    return "\n".join(lines)

@@ -223,7 +223,7 @@ def check_store(store: RowStore, rows: int, dim: int, quantized: bool) -> None:
         )
 
 
-def refuse_fp8_training(quantized: bool) -> None:
+def refuse_fp8_training(quantized: bool, hint: str = "") -> None:
     """FP8 tables are for inference and editing: a row-wise update (lr times a normalised gradient,
     about 1e-3 of a row's scale) is below E4M3's resolution (3 mantissa bits: steps of 6-12%), so
     updates would round away unless a higher-precision master row were kept, which costs more than
@@ -233,6 +233,7 @@ def refuse_fp8_training(quantized: bool) -> None:
             "FP8 Engram tables cannot be trained: a row-wise update is far below E4M3's resolution and would "
             "round away. Train the tables in float32/bfloat16, then quantise with `engram-hf quantize` (or "
             "`engram_hf.quantize_checkpoint`); editing FP8 rows (engram_hf.editing) works as is."
+            + (f" Or {hint}." if hint else "")
         )
 
 

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..memory.engram import EngramMemory
 from ..offload.rows import TensorRows
-from ..offload.stores import describe_table
+from ..offload.stores import describe_table, refuse_fp8_training
 
 _ROW_KINDS = {"adam": "adam_rows", "adagrad": "adagrad_rows", "dense": "dense"}
 _PENDING = "_engram_pending_grads"
@@ -478,6 +478,7 @@ def build_optimizer(
     betas=(0.9, 0.999),
     eps: float = 1e-8,
     offload_dir=None,
+    train_tables: bool = True,
 ) -> EngramOptimizer:
     """The recommended optimizer: row-wise table updates with sparse table gradients switched on.
 
@@ -485,17 +486,30 @@ def build_optimizer(
     rows they change and their optimizer state to sparse work files in ``offload_dir`` (required
     then), never into the checkpoint they were loaded from.
 
+    ``train_tables=False`` leaves every table out (frozen) and trains the rest: the projections,
+    gates and conv, and whatever else requires grad. FP8 tables (``engram_table_format="fp8"``, or
+    V4.1's) are never trained: with them, pass ``train_tables=False`` (otherwise this raises, saying why).
+
     With ``transformers.Trainer``: ``Trainer(..., optimizers=(build_optimizer(model, lr=args.learning_rate), None))``
     (``engram_hf.training.EngramTrainer`` also saves and restores offloaded tables and their state);
     the Trainer still builds its LR scheduler over these groups.
     """
     if table_optimizer not in _ROW_KINDS:
         raise ValueError(f"table_optimizer must be one of {sorted(_ROW_KINDS)}, got {table_optimizer!r}.")
-    set_sparse_table_grads(model, table_optimizer != "dense")
-    if table_optimizer != "dense":
-        for e in _engram_modules(model):
-            if e.offloaded:
-                e.table.make_trainable(offload_dir)
+    engrams = _engram_modules(model)
+    if train_tables:
+        quantized = [e.layer_idx for e in engrams if e.quantized]
+        if quantized:
+            refuse_fp8_training(True, hint="pass train_tables=False to train everything else with them frozen")
+        set_sparse_table_grads(model, table_optimizer != "dense")
+        if table_optimizer != "dense":
+            for e in engrams:
+                if e.offloaded:
+                    e.table.make_trainable(offload_dir)
+    else:
+        for e in engrams:
+            if not e.offloaded and not e.quantized:
+                e.table.weight.requires_grad_(False)
     groups = engram_param_groups(model, lr, table_lr, weight_decay, table_optimizer)
     return EngramOptimizer(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 

@@ -50,14 +50,23 @@ def encode(values: torch.Tensor) -> TableRows:
     if not bool(torch.isfinite(x).all()):
         raise ValueError("FP8 rows can hold finite values only; the rows to encode contain NaN or inf.")
     blocks = x.unflatten(-1, (-1, BLOCK))
-    amax = blocks.abs().amax(-1)
-    # The smallest e with amax <= 448 * 2**e: frexp gives a first guess, then one exact check each way
-    # (a multiplication by a power of two is exact, so the comparisons are too).
+    e = scale_exponent(blocks.abs().amax(-1))
+    codes = torch.ldexp(blocks, -e.unsqueeze(-1)).to(CODE_DTYPE).flatten(-2)
+    return TableRows(codes, exponent_bytes(e))
+
+
+def scale_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """The smallest ``e`` in [-127, 127] with ``amax <= 448 * 2**e`` (int32), for float32 ``amax``.
+
+    frexp gives a first guess, then one exact check each way (multiplying by a power of two is
+    exact, so the comparisons are too)."""
     mantissa, exponent = torch.frexp(amax / E4M3_MAX)
     e = torch.where(mantissa == 0.5, exponent - 1, exponent)
     e = torch.where(amax > E4M3_MAX * torch.ldexp(torch.ones_like(amax), e), e + 1, e)
     e = torch.where(amax <= E4M3_MAX * torch.ldexp(torch.ones_like(amax), e - 1), e - 1, e)
-    e = torch.where(amax == 0, torch.full_like(e, -127), e).clamp(-127, 127)
-    codes = torch.ldexp(blocks, -e.unsqueeze(-1)).to(CODE_DTYPE).flatten(-2)
-    scale = (e + 127).to(torch.uint8).view(SCALE_DTYPE)
-    return TableRows(codes, scale)
+    return torch.where(amax == 0, torch.full_like(e, -127), e).clamp(-127, 127)
+
+
+def exponent_bytes(e: torch.Tensor) -> torch.Tensor:
+    """Exponents as E8M0 scale bytes (``float8_e8m0fnu``): ``e + 127``."""
+    return (e + 127).to(torch.uint8).view(SCALE_DTYPE)
