@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     qu = sub.add_parser(
         "quantize",
-        help="copy a checkpoint or adapter with its Engram tables in FP8 (E4M3 + E8M0 per 32 columns); report the error",
+        help="copy a checkpoint or adapter with its Engram tables in FP8 (E4M3, E8M0 per 32 columns); report the error",
     )
     qu.add_argument("path", help="EngramMoE checkpoint or Engram adapter directory (never modified)")
     qu.add_argument("--out", required=True, help="new directory for the quantised copy")
@@ -518,8 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--text", required=True)
     loc.add_argument(
         "--hidden-states",
-        help="DeepSeek-V4.1 checkpoints: a safetensors file of the Engram layers' inputs, keys layer.<id> [1, T, hc, D] "
-        "(default: the tokens' input embeddings stand in)",
+        help="DeepSeek-V4.1 checkpoints: a safetensors file of the Engram layers' inputs, keys layer.<id> "
+        "[1, T, hc, D] (default: the tokens' input embeddings stand in)",
     )
     loc.add_argument("--examples", type=int, default=3, help="corpus contexts shown per row (collisions first)")
     loc.set_defaults(func=_locate)

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..memory.cache import engram_inputs
 from ..memory.compression import TokenCompressor, build_compression_table, compressed_vocab_size
 from ..memory.dialect import get_dialect
-from ..memory.cache import engram_inputs
 from ..memory.engram import EngramMemory
 from ..memory.hashing import HashBuffers, HashContract
 from .backbone import Backbone

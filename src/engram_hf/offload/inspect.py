@@ -85,7 +85,8 @@ def format_description(d: dict) -> str:
 def format_v41(d: dict) -> str:
     """``engram-hf inspect`` of a DeepSeek-V4.1 checkpoint (``deepseek_v41.V41Checkpoint.describe``)."""
     lines = [
-        f"DeepSeek-V4.1 Engram in {d['path']} (dialect {d['dialect']}): layers {d['layer_ids']}, n-grams 2..{d['max_ngram_size']}, "
+        f"DeepSeek-V4.1 Engram in {d['path']} (dialect {d['dialect']}): layers {d['layer_ids']}, "
+        f"n-grams 2..{d['max_ngram_size']}, "
         f"{d['heads_per_order']} heads per order, rows of {d['head_dim']}, base table size {d['base_table_size']:,}, "
         f"{d['compressed_vocab_size']:,} canonical ids, {d['hc_mult']} streams of {d['hidden_size']}",
     ]
