@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 KERNELS = {
     "_hash_gather_fwd",
+    "_decode_rows",
     "_chunk_sum",
     "_segment_sum",
     "_gate_fwd",

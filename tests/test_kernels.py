@@ -19,8 +19,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
+from engram_hf.ops.fp8_rows import naive as fp8_naive  # noqa: E402
+from engram_hf.ops.fp8_rows import triton as fp8_triton  # noqa: E402
 from engram_hf.ops.gate.triton import GateFunction  # noqa: E402
-from engram_hf.ops.hash_gather.triton import HashGatherFunction, table_grad_rows  # noqa: E402
+from engram_hf.ops.hash_gather.triton import HashGatherFunction, hash_gather_forward, table_grad_rows  # noqa: E402
 from engram_hf.ops.launch import SEGMENT_CHUNK  # noqa: E402
 from engram_hf.ops.short_conv import triton as conv_triton  # noqa: E402
 
@@ -239,3 +241,101 @@ def test_hot_row_backward_is_split_into_chunks_and_deterministic():
     torch.testing.assert_close(summed.double(), expected[unique], rtol=1e-6, atol=1e-4)
     again = table_grad_rows(rows, grads)[1]
     assert torch.equal(summed, again), "the sum order is fixed: identical bits on every run"
+
+
+# ----------------------------------------------------------------------------- DeepSeek-V4.1 and FP8 rows
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_decode_matches_twin_exactly(dtype):
+    """Every code byte and a spread of scale bytes (subnormal codes, NaN, negative zero included),
+    through the kernel's bit arithmetic and torch's own float8 conversions: identical bits."""
+    codes = torch.arange(256, dtype=torch.uint8).view(8, 32)
+    scales = torch.tensor([[127], [0], [1], [100], [126], [130], [140], [150]], dtype=torch.uint8)
+    # Half outputs: scales whose products stay in the type's normal range (the interpreter converts
+    # float32 subnormals to half types by its own rule; float32 covers the subnormal scales).
+    if dtype is torch.bfloat16:
+        scales = scales.clamp_min(10)
+    if dtype is torch.float16:
+        scales = scales.clamp(122, 134)
+    table = TableRows(codes.to(DEVICE), scales.to(DEVICE))
+    out = fp8_triton.decode_rows(table, dtype)
+    ref = fp8_naive.decode(table, dtype)
+    assert torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(ref))
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(out[0, 0].view(bits), ref[0, 0].view(bits)) and bool(torch.signbit(out[4, 0])), "-0 stays -0"
+    # Packed rows (codes then scales, one buffer): strided views decode the same.
+    packed = torch.cat([codes, scales], 1).to(DEVICE)
+    assert torch.equal(
+        torch.nan_to_num(fp8_triton.decode_rows(TableRows(packed[:, :32], packed[:, 32:]), dtype)),
+        torch.nan_to_num(ref),
+    )
+
+
+def test_fp8_encode_round_trips():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 96, generator=g) * torch.logspace(-20, 20, 64)[:, None]
+    t = fp8_naive.encode(x)
+    y = fp8_naive.decode(t, torch.float32)
+    assert ((y - x).abs() <= x.abs() / 16 + 1e-45).all(), "within half an E4M3 step"
+    # Decoded rows encode back to the same values (a block whose largest code rounded down may pick
+    # the next smaller scale, with doubled codes: other bytes, equal values).
+    assert torch.equal(fp8_naive.decode(fp8_naive.encode(y), torch.float32), y)
+    with pytest.raises(ValueError, match="finite"):
+        fp8_naive.encode(torch.full((1, 32), float("inf")))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dead", [False, True])
+def test_fp8_hash_gather_and_dead_latch_match_twin(dtype, dead):
+    inputs, hashing, weight = _hash_case(N=4, K=2, D=32, masked=False, seed=3)
+    if dead:  # DEAD ids in the sequence and in the look-back: every n-gram over them hashes pads
+        ids, prefix = inputs.ids.clone(), inputs.prefix.clone()
+        ids[0, 2], ids[1, 5], prefix[1, 1] = -1, -1, -1
+        inputs = EngramInputs(ids=ids, prefix=prefix, pad=inputs.pad)
+    table = fp8_naive.encode(weight.cpu())
+    table = TableRows(table.weight.to(DEVICE), table.scale.to(DEVICE))
+    e1, rows1 = hg_naive.hash_gather(inputs, hashing, table, dtype=dtype)
+    e2, rows2 = hash_gather_forward(inputs, hashing, table, dtype)
+    assert torch.equal(rows1, rows2) and torch.equal(e1, e2)
+    if dead:
+        # Position 3 of row 0 reaches back over the DEAD id at 2 only from order 3 on.
+        blocked = hg_naive.hash_rows(EngramInputs(ids=inputs.ids, prefix=inputs.prefix, pad=inputs.pad), hashing)
+        pad = int(inputs.pad)
+        same = EngramInputs(
+            ids=torch.tensor([[pad, pad, pad, int(inputs.ids[0, 3])]], device=DEVICE),
+            prefix=torch.full((1, 3), pad, device=DEVICE),
+            pad=inputs.pad,
+        )
+        assert torch.equal(blocked[0, 3, 2:], hg_naive.hash_rows(same, hashing)[0, 3, 2:])
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("zero_sign", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_dead_mask_residual_and_sign_match_twin(residual, zero_sign, dtype):
+    g = torch.Generator().manual_seed(11)
+    B, T, M, D = 2, 6, 4, 32
+    make = lambda *s: torch.randn(*s, generator=g).to(DEVICE, dtype).requires_grad_()  # noqa: E731
+    key, hidden, value = make(B, T, M, D), make(B, T, M, D), make(B, T, D)
+    with torch.no_grad():
+        key[0, 1].zero_()  # dot product exactly 0: the sign rule decides
+    wk, wq = ((torch.rand(M, D, generator=g) + 0.5).to(DEVICE, dtype).requires_grad_() for _ in range(2))
+    mask = torch.ones(B, T, dtype=torch.long, device=DEVICE)
+    mask[1, 2] = 0
+    args = [key, hidden, value, wk, wq]
+    twin = [a.detach().clone().requires_grad_() for a in args]
+    out_k = GateFunction.apply(*args, 1e-20, 1e-20, zero_sign, mask, residual)
+    gate = GateParams(NormParams(twin[3], 1e-20), NormParams(twin[4], 1e-20), zero_sign)
+    out_t = gate_naive.gate_value(*twin[:3], gate, mask, residual)
+    torch.testing.assert_close(out_k, out_t, **TOL[dtype])
+    alpha = gate_naive.gate_alpha(key.detach(), hidden.detach(), gate, mask)
+    assert torch.all(alpha[1, 2] == 0), "a dead position's gate is 0"
+    expected_zero = torch.sigmoid(torch.tensor(zero_sign * 1e-3))
+    torch.testing.assert_close(alpha[0, 1], expected_zero.expand(M).to(alpha.device))
+    if residual:
+        assert torch.equal(out_k[1, 2], hidden.detach()[1, 2]), "dead: the streams pass through"
+    grad = torch.randn(out_k.shape, generator=g).to(DEVICE, dtype)
+    out_k.backward(grad)
+    out_t.backward(grad)
+    for a, b in zip(args, twin):
+        torch.testing.assert_close(a.grad, b.grad, **{k: v * 10 for k, v in TOL[dtype].items()})

@@ -22,7 +22,7 @@ BAD_CONFIGS = [
     (dict(num_experts_per_tok=5), "exceeds n_routed_experts"),
     (dict(first_k_dense_replace=4), "first_k_dense_replace"),
     (dict(hc_mult=0), "hc_mult must be a positive integer"),
-    (dict(engram_kernel_size=-2), "engram_kernel_size must be a positive integer"),
+    (dict(engram_kernel_size=-2), "engram_kernel_size must be >= 2"),
     (dict(engram_pad_id=97), "outside the vocabulary"),
     (dict(scoring_func="relu"), "scoring_func"),
     (dict(compressed_vocab_size=0), "compressed_vocab_size must be a positive integer"),

@@ -43,20 +43,22 @@ import triton.language as tl
 # Which kernels each module launches (helpers called from kernels are compiled with them).
 KERNELS = {
     "engram_hf.ops.hash_gather.triton": ["_hash_gather_fwd", "_chunk_sum", "_segment_sum"],
+    "engram_hf.ops.fp8_rows.triton": ["_decode_rows"],
     "engram_hf.ops.gate.triton": ["_gate_fwd", "_gate_bwd"],
     "engram_hf.ops.short_conv.triton": ["_row_scale", "_conv_fwd", "_conv_bwd", "_norm_bwd", "_conv_step"],
 }
 # Kernels that must order their loads before in-place stores with a barrier.
 NEEDS_BARRIER = {"_conv_step"}
 
-# The model's real sizes and every value its config admits for the constexprs.
-HIDDEN = (4096, 8192)
+# The model's real sizes and every value its config admits for the constexprs (5120: DeepSeek-V4.1).
+HIDDEN = (4096, 5120, 8192)
 HC_MULT = (1, 2, 3, 4)
 NGRAM = (2, 3, 4, 5)
 KERNEL_SIZE = (2, 3, 4, 5)
-# Engram heads: 8 per n-gram order, rows of 64 or 128 (n_embed_per_ngram 512 or 1024).
+# Engram heads: 8 per n-gram order, rows of 64 or 128 (n_embed_per_ngram 512 or 1024), or 256
+# (V4.1's, in FP8 too).
 HEADS_PER_NGRAM = 8
-HEAD_DIM = (64, 128)
+HEAD_DIM = (64, 128, 256)
 # (batch, tokens): a decode step, batched decode, an odd-length prefill, a 16-aligned prefill.
 SHAPES = ((1, 1), (3, 1), (2, 37), (1, 64))
 # Activations, parameters: plain fp32/bf16/fp16 models, and autocast (half activations, fp32 weights).
@@ -165,9 +167,10 @@ def _model_launches(quick: bool) -> list[tuple]:
     intercepted launches ``(setting, kernel, args, kwargs)``."""
     import torch
 
+    from .fp8_rows.triton import decode_rows
     from .gate.triton import GateFunction
     from .hash_gather.triton import hash_gather_forward, table_grad_rows
-    from .inputs import ConvParams, EngramInputs, HashParams, NormParams
+    from .inputs import ConvParams, EngramInputs, HashParams, NormParams, TableRows
     from .short_conv.triton import ShortConvFunction, short_conv_step
 
     dt = {k: (getattr(torch, a), getattr(torch, p)) for k, (a, p) in DTYPES.items()}
@@ -184,16 +187,25 @@ def _model_launches(quick: bool) -> list[tuple]:
             pad=torch.tensor(0),
         )
         hashing = HashParams(torch.ones(n, dtype=torch.long), torch.full((H,), 7), torch.arange(H) * 7)
-        hash_gather_forward(inputs, hashing, torch.zeros(7 * H, d, dtype=wdtype))
+        hash_gather_forward(inputs, hashing, TableRows(torch.zeros(7 * H, d, dtype=wdtype)))
         table_grad_rows(torch.zeros(bsz, T, H, dtype=torch.long), torch.zeros(bsz * T * H, d, dtype=wdtype))
+        # FP8 tables (decoded to the activations' dtype as they are gathered).
+        fp8 = TableRows(torch.zeros(7 * H, d, dtype=torch.uint8), torch.zeros(7 * H, d // 32, dtype=torch.uint8))
+        hash_gather_forward(inputs, hashing, fp8, dt[name][0])
 
-    def gate(D, M, bsz, T, name):
+    def decode(d, bsz, T, name):  # offloaded FP8 rows, decoded on the device after the copy
+        R = bsz * T * 3 * HEADS_PER_NGRAM
+        packed = torch.zeros(R, d + d // 32, dtype=torch.uint8, **meta)
+        decode_rows(TableRows(packed[:, :d], packed[:, d:]), dt[name][0])
+
+    def gate(D, M, bsz, T, name, masked=False, residual=False):
         act, par = dt[name]
         key = torch.zeros(bsz, T, M, D, dtype=act, requires_grad=True, **meta)
         hidden = torch.zeros(bsz, T, M, D, dtype=par, requires_grad=True, **meta)  # the fp32 residual under amp
         value = torch.zeros(bsz, T, D, dtype=act, requires_grad=True, **meta)
         w = torch.ones(M, D, dtype=par, requires_grad=True, **meta)
-        y = GateFunction.apply(key, hidden, value, w, w, None, None)
+        mask = torch.ones(bsz, T, dtype=torch.long, **meta) if masked else None
+        y = GateFunction.apply(key, hidden, value, w, w, None, None, 1.0 if masked else 0.0, mask, residual)
         y.backward(torch.zeros_like(y))
 
     def conv(D, M, K, n, bsz, T, masked, stateful, train, name):
@@ -225,6 +237,11 @@ def _model_launches(quick: bool) -> list[tuple]:
         run(hash_gather, n, d, bsz, T, name)
     for D, M, (bsz, T), name in itertools.product(pick(HIDDEN), pick(HC_MULT), shapes, pick(dt)):
         run(gate, D, M, bsz, T, name)
+    # DeepSeek-V4.1's fusion: dead positions masked, the residual added inside, 4 streams of 5120.
+    for (bsz, T), name in itertools.product(shapes, pick(dt)):
+        run(gate, 5120, 4, bsz, T, name, True, True)
+    for d, (bsz, T), name in itertools.product((128, 256), shapes, pick(dt)):
+        run(decode, d, bsz, T, name)
     # The conv: every constexpr and dtype combination (kernel size, n-gram order as the dilation
     # and state length, mask, state, training) at a decode step and a prefill ...
     flags = list(itertools.product((False, True), repeat=3))

@@ -246,7 +246,6 @@ class EngramMoEConfig(PreTrainedConfig):
             hc_mult=self.hc_mult,
             engram_n_head_per_ngram=self.engram_n_head_per_ngram,
             engram_n_embed_per_ngram=self.engram_n_embed_per_ngram,
-            engram_kernel_size=self.engram_kernel_size,
             compressed_vocab_size=self.compressed_vocab_size,
         )
         positive_float(rms_norm_eps=self.rms_norm_eps, routed_scaling_factor=self.routed_scaling_factor)
@@ -329,9 +328,11 @@ class EngramMoEConfig(PreTrainedConfig):
             )
         if self.engram_dialect not in DIALECTS:
             raise ValueError(f"engram_dialect must be one of {sorted(DIALECTS)}, got {self.engram_dialect!r}.")
-        if DIALECTS[self.engram_dialect].short_conv and self.engram_kernel_size < 2:
+        if DIALECTS[self.engram_dialect].short_conv and (
+            not _is_int(self.engram_kernel_size) or self.engram_kernel_size < 2
+        ):
             raise ValueError(
-                f"engram_kernel_size must be >= 2, got {self.engram_kernel_size}: a width-1 conv keeps no state "
+                f"engram_kernel_size must be >= 2, got {self.engram_kernel_size!r}: a width-1 conv keeps no state "
                 "to carry between decoding steps."
             )
         if self.engram_norm_eps is not None:
