@@ -284,3 +284,32 @@ def test_optimizer_state_resumes_on_another_number_of_ranks(ckpt, tmp_path, save
     opt = build_optimizer(model, lr=1e-2, table_optimizer="adam", offload_dir=tmp_path / "two")
     with pytest.raises(FileNotFoundError, match=f"no single complete set.*{saved - 1} of {saved} rank files"):
         opt.load_offloaded_state(tmp_path / "state")
+
+
+# ---------------------------------------------------------------------------------------- FP8 tables
+def _fp8_worker(rank, world, ckpt, tier, out):
+    model = AutoModelForCausalLM.from_pretrained(ckpt, engram_shard=True, engram_offload=tier).eval()
+    with torch.no_grad():
+        logits = model(_batch(rank)).logits
+    save_file({"logits": logits.contiguous()}, f"{out}/rank{rank}.safetensors")
+    model.save_pretrained(f"{out}/saved")  # every rank writes its rows' codes and scales
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tier", [None, "disk"])
+def test_sharded_fp8_tables_forward_and_save(tmp_path, tier):
+    """FP8 rows cross ranks as their bytes (codes and scales) and are decoded where they are used;
+    a sharded save writes both tensors of every table, which load unsharded bit for bit."""
+    path = tmp_path / "fp8"
+    tiny_model(router_aux_loss_coef=0.0, engram_n_embed_per_ngram=64, engram_table_format="fp8").save_pretrained(path)
+    _spawn(_fp8_worker, 2, str(path), tier, str(tmp_path))
+    reference = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad(), single_thread():
+        for r in range(2):
+            got = load_file(str(tmp_path / f"rank{r}.safetensors"))["logits"]
+            assert torch.equal(got, reference(_batch(r)).logits), f"rank {r}"
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    for name, value in reference.state_dict().items():
+        if "engram.table" in name:
+            assert value.dtype in (torch.float8_e4m3fn, torch.float8_e8m0fnu)
+            assert torch.equal(saved.state_dict()[name].view(torch.uint8), value.view(torch.uint8)), name

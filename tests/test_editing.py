@@ -671,3 +671,54 @@ def test_cli_locate_edit_and_patch_commands(facts, tmp_path, capsys):
     assert "target is empty" in capsys.readouterr().err
     assert cli_main(["patch", "show", str(path / "config.json")]) == 1
     assert "not a safetensors file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def fp8_facts(tmp_path_factory):
+    """The fact world learned by a model of DeepSeek-V4.1's dialect (rows of 32, so FP8-able),
+    trained in float and quantised to FP8 tables by ``quantize_checkpoint``."""
+    from engram_hf.quantize import quantize_checkpoint
+
+    torch.manual_seed(0)
+    world = FactWorld(n_subjects=8, n_languages=3, n_currencies=3, seed=0)
+    model, tokenizer = train_fact_model(
+        world, _filler(), steps=140, lr=1e-2, progress=False, engram_dialect="deepseek_v41", engram_n_embed_per_ngram=64
+    )
+    root = tmp_path_factory.mktemp("fp8_facts")
+    model.save_pretrained(root / "float")
+    tokenizer.save_pretrained(root / "float")
+    report = quantize_checkpoint(root / "float", root / "fp8", progress=False)
+    return world, root / "fp8", tokenizer, report
+
+
+def test_fp8_edits_rewrite_bytes_and_scales_and_revert_bit_exactly(fp8_facts, tmp_path):
+    world, path, tokenizer, report = fp8_facts
+    assert all(0 < t["relative_rms_error"] < 0.05 for t in report["tables"].values())
+    model = _load(path)
+    assert model.model.layers[0].engram.quantized
+    case = _case(world, tokenizer, model)
+    original = {
+        k: v.view(torch.uint8) if v.dtype.itemsize == 1 and v.is_floating_point() else v
+        for k, v in _state(model).items()
+    }
+    editor = EngramEditor(model, tokenizer, progress=False)
+    result = editor.edit(EditRequest(case.prompt, case.target, true_target=case.true_target))
+    assert result.converged and result.requests[0].success, "optimised through the FP8 rounding it is served with"
+    n = len(_target_ids(tokenizer, case.target))
+    assert _greedy(model, tokenizer, case.prompt, n) == _target_ids(tokenizer, case.target)
+    patch = result.patch
+    layer = next(iter(patch.rows))
+    assert patch.new[layer].dtype == torch.uint8 and patch.new[layer].shape[1] == 32 + 1
+    # The disk tier serves the same patch as an overlay, the file untouched; the served rows agree.
+    disk = _load(path, engram_offload="disk")
+    patch.apply(disk)
+    ids = tokenizer(case.prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(disk(ids).logits, model(ids).logits)
+    # ... and on a checkpoint copy; reverting restores every byte and scale.
+    out = apply_to_checkpoint(patch, path, tmp_path / "patched")
+    assert torch.equal(_load(out).model.layers[layer].engram.read_stored_rows(patch.rows[layer]), patch.new[layer])
+    editor.undo()
+    for k, v in model.state_dict().items():
+        v = v.view(torch.uint8) if v.dtype.itemsize == 1 and v.is_floating_point() else v
+        assert torch.equal(v, original[k]), k
