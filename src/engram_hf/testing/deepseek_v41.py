@@ -1,5 +1,7 @@
 """A tiny checkpoint in DeepSeek-V4.1's Engram names, dtypes and layout, to try the V4.1 tools on
-without downloading hundreds of GB (and to test them): ``write_v41_checkpoint(dir, tokenizer)``.
+without downloading hundreds of GB (and to test them): ``write_v41_checkpoint(dir, tokenizer)``, or
+``python -m engram_hf.testing.deepseek_v41 DIR`` (with a byte-level BPE trained on the built-in
+Sonnets standing in for V4.1's tokenizer).
 
 Tables, projections and norm weights are random; everything else follows the release: a sharded
 safetensors index, FP8 E4M3 tables with F8_E8M0 scales per 32 columns, ``wkv`` in FP8 with one
@@ -34,7 +36,7 @@ def _fp8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_v41_checkpoint(
     directory,
-    tokenizer,
+    tokenizer=None,
     *,
     layer_ids=(1, 3),
     hidden_size: int = 64,
@@ -46,7 +48,13 @@ def write_v41_checkpoint(
     seed: int = 0,
     prefix: str = "model.",
 ) -> Path:
-    """Write a synthetic V4.1 checkpoint (with ``tokenizer`` saved beside it) to ``directory``."""
+    """Write a synthetic V4.1 checkpoint (with ``tokenizer`` saved beside it) to ``directory``; the
+    tokenizer defaults to a byte-level BPE of 2,048 tokens trained on the built-in Sonnets."""
+    if tokenizer is None:
+        from ..data import builtin_text
+        from ..training.tokenizer import train_bpe_tokenizer
+
+        tokenizer = train_bpe_tokenizer([builtin_text()], 2048)
     g = torch.Generator().manual_seed(seed)
     table = build_compression_table(tokenizer, progress=False, dialect="deepseek_v41")
     primes = table_primes([base_table_size] * (max_ngram_size - 1), max_ngram_size, n_heads, list(layer_ids))
@@ -107,3 +115,11 @@ def write_v41_checkpoint(
         tokenizer.save_pretrained(tmp)
 
     return atomic_write_dir(directory, write)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m engram_hf.testing.deepseek_v41 DIR")
+    print(f"wrote a synthetic DeepSeek-V4.1 checkpoint to {write_v41_checkpoint(sys.argv[1])}")
