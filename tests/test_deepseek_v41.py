@@ -371,3 +371,32 @@ def test_config_validates_dialect_and_format():
     EngramMoEConfig(engram_dialect="deepseek_v41", engram_kernel_size=0)  # no conv: no kernel size needed
     contract = HashContract.from_config(EngramMoEConfig(engram_dialect="deepseek_v41", **{"engram_vocab_size": 101}))
     assert contract.engram_vocab_size == (101, 101)
+
+
+def test_cli_inspect_and_locate_a_v41_checkpoint(v41, tmp_path, capsys):
+    import json
+
+    from safetensors.torch import save_file
+
+    from engram_hf.cli import main as cli_main
+
+    assert cli_main(["inspect", str(v41), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dialect"] == "deepseek_v41"
+    text = "The capital of France"
+    assert cli_main(["locate", str(v41), "--text", text, "--json"]) == 0
+    stand_in = json.loads(capsys.readouterr().out)
+    # Given hidden states (as a V4.1 run would capture them) replace the stand-in: other gates, same rows.
+    cfg = open_v41(v41).config
+    T = len(stand_in["positions"])
+    hidden = {f"layer.{i}": torch.ones(1, T, cfg.hc_mult, cfg.hidden_size) for i in cfg.layer_ids}
+    save_file(hidden, str(tmp_path / "hidden.safetensors"))
+    assert (
+        cli_main(
+            ["locate", str(v41), "--text", text, "--json", "--hidden-states", str(tmp_path / "hidden.safetensors")]
+        )
+        == 0
+    )
+    given = json.loads(capsys.readouterr().out)
+    assert [p["rows"] for p in given["positions"]] == [p["rows"] for p in stand_in["positions"]]
+    assert [p["gates"] for p in given["positions"]] != [p["gates"] for p in stand_in["positions"]]
+    assert cli_main(["locate", str(v41), "--text", text, "--hidden-states", str(tmp_path / "missing.safetensors")]) == 1
