@@ -245,6 +245,27 @@ def _locate(args) -> int:
     return 0
 
 
+def _gates(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .gates import gate_map
+
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise UsageError(f"{args.out} already exists (pass --overwrite to replace it)")
+    model, tokenizer = _load_for_editing(args)
+    result = gate_map(model, tokenizer, args.text)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.terminal())
+    if args.out:
+        result.plot(args.out, title=f"Where Engram fires: {Path(args.model).name}")
+        if not args.json:
+            print(f"heatmap written to {args.out}")
+    return 0
+
+
 def _edit(args) -> int:
     import json
 
@@ -523,6 +544,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     loc.add_argument("--examples", type=int, default=3, help="corpus contexts shown per row (collisions first)")
     loc.set_defaults(func=_locate)
+
+    ga = sub.add_parser(
+        "gates",
+        help="where Engram fires on a text: every layer's and branch's gate per token, in the terminal and as a PNG",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    editing_model_args(ga)
+    ga.add_argument("--text", required=True)
+    ga.add_argument("--out", help="write the heatmap to this PNG")
+    ga.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ga.add_argument(
+        "--hidden-states", help="DeepSeek-V4.1 checkpoints: the Engram layers' inputs (see engram-hf locate)"
+    )
+    ga.set_defaults(func=_gates)
 
     ed = sub.add_parser(
         "edit",
