@@ -11,6 +11,7 @@ import ctypes
 import errno
 import fcntl
 import fnmatch
+import json
 import os
 import re
 import secrets
@@ -36,6 +37,17 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """A JSON file's content, with errors that name the file: missing, or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No {what} at {path}.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (corrupt file?): {e}") from None
 
 
 def temp_sibling(target: Path, kind: str = "tmp") -> Path:

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ..offload.loading import TableInfo, check_table_memory, is_local_name, open_store
 from ..offload.stores import safetensors_header
 from ..offload.tiers import check_cache_rows, check_tier
-from ..utils import atomic_save_pretrained, atomic_write_dir
+from ..utils import atomic_save_pretrained, atomic_write_dir, read_json
 from .adapter import EngramAdapter, place_adapter
 from .backbone import ATTR, Backbone
 from .spec import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, EngramSpec
@@ -219,10 +219,7 @@ def _read_adapter_config(path: Path) -> dict:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not an Engram adapter directory (no {CONFIG_FILE}).")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON (corrupt file?): {e}") from None
+    meta = read_json(file)
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{file} is not an engram-hf adapter config (format {meta.get('format')!r}).")
     if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
