@@ -23,6 +23,7 @@ def _demo(args) -> int:
         vocab_size=args.vocab_size,
         prompt=args.prompt,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -85,6 +86,7 @@ def _train(args) -> int:
         base=args.base,
         engram=engram,
         train_base=args.train_base,
+        overwrite=args.overwrite,
     )
     check_spec(spec)
     texts = read_texts(args.data, args.text_field) if args.data else texts_from_dataset(args.dataset, args.text_field)
@@ -111,6 +113,7 @@ def _experiment(args) -> int:
         quick=args.quick,
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
+        overwrite=args.overwrite,
     )
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "models"} for k, v in results.items()}, indent=2))
     return 0
@@ -136,7 +139,7 @@ def _quantize(args) -> int:
 
     from .quantize import format_report, quantize_checkpoint
 
-    report = quantize_checkpoint(args.path, args.out, progress=not args.json)
+    report = quantize_checkpoint(args.path, args.out, progress=not args.json, overwrite=args.overwrite)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -162,7 +165,7 @@ def _eval(args) -> int:
         engram_mask=args.engram_mask,
         compare_mask=args.compare_mask,
         limit=args.limit,
-        batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size),
+        batch_size=int(args.batch_size) if args.batch_size.lstrip("+-").isdigit() else args.batch_size,
         num_fewshot=args.num_fewshot,
         max_seq_lengths=args.max_seq_lengths,
         ruler_samples=args.ruler_samples,
@@ -175,6 +178,7 @@ def _eval(args) -> int:
         log_samples=args.log_samples,
         include_path=args.include_path or [],
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     result = run_eval(spec, progress=lambda line: print(f"engram-hf eval: {line}", flush=True))
     print(result["markdown"])
@@ -239,7 +243,7 @@ def _locate(args) -> int:
     from .training import read_texts
 
     model, tokenizer = _load_for_editing(args)
-    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus)) if args.corpus else None
+    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus, txt_lines=True)) if args.corpus else None
     result = locate(model, tokenizer, args.text, corpus=corpus, examples=args.examples)
     print(result.to_json(indent=2) if args.json else result.report(examples=args.examples))
     return 0
@@ -250,9 +254,10 @@ def _gates(args) -> int:
     from pathlib import Path
 
     from .gates import gate_map
+    from .utils import claim_output_file
 
-    if args.out and Path(args.out).exists() and not args.overwrite:
-        raise UsageError(f"{args.out} already exists (pass --overwrite to replace it)")
+    if args.out:
+        claim_output_file(args.out, "gates", overwrite=args.overwrite, inputs=[args.model])
     model, tokenizer = _load_for_editing(args)
     result = gate_map(model, tokenizer, args.text)
     if args.json:
@@ -271,7 +276,10 @@ def _edit(args) -> int:
 
     from .editing import CorpusIndex, EditRequest, EngramEditor, evaluate_edit
     from .training import read_texts
+    from .utils import claim_output_file
 
+    if args.out:
+        claim_output_file(args.out, "edit", overwrite=args.overwrite, inputs=[args.model])
     if bool(args.requests) == (args.prompt is not None or args.target is not None):
         raise UsageError("give --prompt and --target, or --requests FILE.jsonl (not both)")
     if args.requests:
@@ -287,11 +295,16 @@ def _edit(args) -> int:
             raise UsageError("--prompt and --target go together")
         requests = [
             EditRequest(
-                args.prompt, args.target, args.paraphrase or [], args.locality or [], args.true_target, args.subject
+                args.prompt,
+                args.target,
+                paraphrases=args.paraphrase or [],
+                locality=args.locality or [],
+                true_target=args.true_target,
+                subject=args.subject,
             )
         ]
     model, tokenizer = _load_for_editing(args)
-    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus)) if args.corpus else None
+    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus, txt_lines=True)) if args.corpus else None
     editor = EngramEditor(
         model,
         tokenizer,
@@ -325,20 +338,32 @@ def _patch(args) -> int:
     import json
 
     from .editing import EngramPatch, apply_to_checkpoint
+    from .utils import claim_output_file
 
     if args.action == "show":
         patch = EngramPatch.load(args.patch)
         print(json.dumps(patch.summary(), indent=2) if args.json else patch.report())
     elif args.action in ("apply", "revert"):
         patch = EngramPatch.load(args.patch)
-        out = apply_to_checkpoint(patch, args.model, args.out, revert=args.action == "revert")
+        out = apply_to_checkpoint(patch, args.model, args.out, revert=args.action == "revert", overwrite=args.overwrite)
         verb = "applied to" if args.action == "apply" else "reverted from"
         print(f"{patch.num_rows} rows {verb} {args.model}: wrote {out}")
     else:  # stack
+        claim_output_file(args.out, "patch stack", overwrite=args.overwrite, inputs=args.patches)
         patch = EngramPatch.stack([EngramPatch.load(p) for p in args.patches])
         patch.save(args.out)
         print(f"stacked {len(args.patches)} patches ({patch.num_rows} rows) into {args.out}")
     return 0
+
+
+def overwrite_arg(parser, text: str | None = None) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=text
+        or "let the command write into an --out directory it did not write (what it writes is replaced, other files "
+        "are kept)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--prompt", default="Shall I compare thee")
     demo.add_argument("--seed", type=int, default=0)
+    overwrite_arg(demo)
     demo.set_defaults(func=_demo)
 
     tr = sub.add_parser(
@@ -429,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--engram-kernel", type=int, default=4, help="short-conv kernel size")
     att.add_argument("--train-base", action="store_true", help="train the base's weights too (default: frozen)")
     tr.add_argument("--seed", type=int, default=0)
+    overwrite_arg(tr)
     tr.set_defaults(func=_train)
 
     ex = sub.add_parser(
@@ -446,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tokenizer", help="tokenizer directory (default: a byte-level BPE trained on the data)")
     ex.add_argument("--vocab-size", type=int, default=4096)
     ex.add_argument("--quick", action="store_true", help="a cut-down run that only proves the command works")
+    overwrite_arg(ex)
     ex.set_defaults(func=_experiment)
 
     insp = sub.add_parser("inspect", help="print each Engram table's size and the expected memory per device")
@@ -461,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qu.add_argument("path", help="EngramMoE checkpoint or Engram adapter directory (never modified)")
     qu.add_argument("--out", required=True, help="new directory for the quantised copy")
+    qu.add_argument("--overwrite", action="store_true", help="replace a directory this command did not write")
     qu.add_argument("--json", action="store_true")
     qu.set_defaults(func=_quantize)
 
@@ -494,7 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gen-kwargs", help="generation overrides for generative tasks, e.g. max_gen_toks=256")
     ev.add_argument("--device", help="device (default: cuda if available, else cpu)")
     ev.add_argument("--dtype", default="auto")
-    ev.add_argument("--out", help="output directory (default: runs/eval/<checkpoint name>)")
+    ev.add_argument("--out", help="output directory (default: runs/eval/<checkpoint's parent>-<checkpoint>)")
+    overwrite_arg(ev)
     ev.add_argument("--update-card", action="store_true", help="write the results table into the model card")
     ev.add_argument(
         "--confirm-run-unsafe-code",
@@ -527,7 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
             default="none",
             help="where the tables live; with disk, edits are an overlay and the checkpoint is never written",
         )
-        p.add_argument("--corpus", nargs="+", help=".txt/.jsonl files or directories: report which contexts share rows")
+        p.add_argument(
+            "--corpus",
+            nargs="+",
+            help="report which contexts share rows: .txt files (each non-empty line a context), .jsonl files (each "
+            "record's text) or directories of them",
+        )
         p.add_argument("--json", action="store_true")
 
     loc = sub.add_parser(
@@ -575,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--requests", help="a .jsonl file of requests {prompt, target, paraphrases, locality, true_target, subject}"
     )
     ed.add_argument("--out", help="write the patch here (.safetensors)")
+    overwrite_arg(ed, "replace an existing --out file")
     ed.add_argument(
         "--positions",
         choices=["auto", "subject", "needed", "target", "all"],
@@ -601,9 +637,11 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("model", help="checkpoint directory (never modified)")
         ap.add_argument("patch")
         ap.add_argument("--out", required=True, help="directory for the new checkpoint")
+        overwrite_arg(ap)
     st = pa_sub.add_parser("stack", help="combine patches made one after another into one")
     st.add_argument("patches", nargs="+", help="patch files, in the order they were made")
     st.add_argument("--out", required=True)
+    overwrite_arg(st, "replace an existing --out file")
     pa.set_defaults(func=_patch)
     for sp in sub.choices.values():
         # Also accepted after the command name; only the top-level flag sets the default.
@@ -631,7 +669,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        message = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        message = lines[0] if lines else type(e).__name__
+        if message.endswith(":") and len(lines) > 1:
+            message = f"{message} {lines[1]}"  # a heading alone ("Error(s) in loading state_dict for X:") says nothing
         print(f"engram-hf {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 1
 

@@ -21,7 +21,7 @@ from .models.engram_moe import EngramMoEConfig, EngramMoEForCausalLM
 from .presets import PRESETS
 from .training import TrainSpec, read_texts, run_training
 from .training.run import prepare_tokenizer, tokenizer_fields
-from .utils import atomic_write_file
+from .utils import atomic_write_file, claim_output_dir
 
 # Shared backbone of every run: the "tiny" preset (minutes on two CPU cores), with the expert count,
 # the Engram layers and their table sizes set per experiment.
@@ -222,8 +222,11 @@ def run_experiments(
     quick: bool = False,
     tokenizer: str | None = None,
     vocab_size: int = 4096,
+    overwrite: bool = False,
 ) -> dict:
+    output = claim_output_dir(out_dir, "experiment", overwrite=overwrite)
     texts = read_texts(data)
+    output.mark()
     out = Path(out_dir)
     spec = TrainSpec(
         out_dir=str(out),
@@ -235,6 +238,7 @@ def run_experiments(
         learning_rate=3e-3,
         eval_fraction=0.0,
         progress=not quick,
+        overwrite=overwrite,
     )
     results = {}
     if which in ("iso", "mask", "all"):

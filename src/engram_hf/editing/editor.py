@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,14 +67,32 @@ class EditRequest:
     ``true_target``: the current answer, if known: for CounterFact-style scores, p(target) > p(true).
     ``subject``: the entity the fact is about, as it is written in the prompt (and paraphrases). With
     it the edit goes through the rows of the subject's own n-grams (see ``EngramEditor``).
+
+    The fields after ``target`` are keyword-only: given by position, a subject would be read as
+    paraphrases (letter by letter). Every field's type is checked.
     """
 
     prompt: str
     target: str
+    _: KW_ONLY
     paraphrases: list[str] = field(default_factory=list)
     locality: list[str] = field(default_factory=list)
     true_target: str | None = None
     subject: str | None = None
+
+    def __post_init__(self):
+        for name in ("prompt", "target"):
+            if not isinstance(getattr(self, name), str):
+                raise EditInputError(f"An edit request's {name} must be a string, got {getattr(self, name)!r}.")
+        for name in ("paraphrases", "locality"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise EditInputError(f"An edit request's {name} must be a list of strings, got {value!r}.")
+            setattr(self, name, list(value))
+        for name in ("true_target", "subject"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise EditInputError(f"An edit request's {name} must be a string or None, got {value!r}.")
 
     @classmethod
     def coerce(cls, x) -> EditRequest:
