@@ -134,6 +134,22 @@ def _inspect(args) -> int:
     return 0
 
 
+def _card(args) -> int:
+    from pathlib import Path
+
+    from .model_card import CARD_FILE, card_for_checkpoint, is_generated, write_card
+
+    existing = Path(args.path) / CARD_FILE
+    if existing.is_file() and not is_generated(existing.read_text(encoding="utf-8")) and not args.overwrite:
+        raise UsageError(f"{existing} is not a card engram-hf wrote: pass --overwrite to replace it")
+    card = card_for_checkpoint(args.path)
+    if args.print:
+        print(card)
+        return 0
+    print(f"model card written to {write_card(args.path, card, force=args.overwrite)}")
+    return 0
+
+
 def _quantize(args) -> int:
     import json
 
@@ -482,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--cache-rows", type=int, default=0, help="hot-row cache size per table (engram_cache_rows)")
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=_inspect)
+
+    ca = sub.add_parser("card", help="render a checkpoint's (or an adapter's) model card into its README.md")
+    ca.add_argument("path", help="EngramMoE checkpoint, merged Engram-attached checkpoint or adapter directory")
+    ca.add_argument("--print", action="store_true", help="print the card instead of writing it")
+    ca.add_argument("--overwrite", action="store_true", help="replace a README.md that engram-hf did not write")
+    ca.set_defaults(func=_card)
 
     qu = sub.add_parser(
         "quantize",

@@ -36,17 +36,7 @@ ENGRAM_LAYERS = [1]
 def count_params(config: EngramMoEConfig) -> dict:
     """Total and per-token activated parameters, counted on the meta device."""
     with torch.device("meta"):
-        model = EngramMoEForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())
-    tables = model.engram_table_parameters()
-    experts = sum(
-        sum(p.numel() for p in layer.mlp.experts.parameters()) for layer in model.model.layers if layer.is_moe
-    )
-    active_experts = experts * config.num_experts_per_tok // config.n_routed_experts
-    # A token reads one row per (order, head) of each table: n_embed * (N-1) values per Engram layer.
-    active_rows = len(config.engram_layer_ids) * config.engram_embed_dim
-    activated = total - tables - experts + active_experts + active_rows
-    return {"total": total, "tables": tables, "routed_experts": experts, "activated": activated}
+        return EngramMoEForCausalLM(config).parameter_counts()
 
 
 def iso_configs(**token_fields) -> tuple[EngramMoEConfig, EngramMoEConfig]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import default_data_collator, set_seed
 
 from ..memory import build_compression_table, compressed_vocab_size
-from ..model_card import render_model_card
+from ..model_card import read_card_info, record_card_info, render_model_card, write_card
 from ..models.engram_moe import EngramMoEConfig, EngramMoEForCausalLM
 from ..offload.create import save_new_checkpoint
 from ..offload.tiers import check_cache_rows, check_tier
@@ -242,6 +242,25 @@ def build_model(spec: TrainSpec, tokenizer) -> EngramMoEForCausalLM:
     return model
 
 
+def training_record(spec: TrainSpec, train_blocks: int, eval_before, eval_after, lora_targets=None) -> dict:
+    """What the model card says of a run: the data, the recipe, and the held-out loss."""
+    record = {
+        "summary": f"Trained with `engram-hf train` (`transformers.Trainer`) for {spec.steps} steps.",
+        "data": f"{train_blocks} blocks of {spec.block_size} tokens",
+        "tokenizer": spec.tokenizer or f"a byte-level BPE of {spec.bpe_vocab_size} tokens trained on the data",
+        "optimizer": f"AdamW (dense) and row-wise {spec.table_optimizer} (tables), lr {spec.learning_rate}"
+        + (f", table lr {spec.table_lr}" if spec.table_lr else ", table lr 5x")
+        + f", cosine schedule with {spec.warmup_fraction:.0%} warm-up",
+        "batch": f"{spec.batch_size} sequences",
+        "seed": spec.seed,
+    }
+    if eval_before is not None and eval_after is not None:
+        record["held_out_loss"] = f"{eval_before:.3f} -> {eval_after:.3f} nats/token"
+    if spec.lora_r:
+        record["lora"] = f"r={spec.lora_r} on {', '.join(lora_targets or ())}"
+    return record
+
+
 def run_training(
     spec: TrainSpec, texts: list[str], tokenizer=None, model=None, eval_texts: list[str] | None = None
 ) -> dict:
@@ -303,20 +322,15 @@ def run_training(
     model_dir = out / "model"
     shown_dir = Path(spec.display_dir) / "model" if spec.display_dir else model_dir
     n_params = sum(p.numel() for p in base_model.parameters())
-    note = (
-        f"{spec.steps} steps with `transformers.Trainer` ({spec.table_optimizer} table optimizer, lr "
-        f"{spec.learning_rate}, cosine), blocks of {spec.block_size} tokens, batch {spec.batch_size}"
-        + (f"; held-out loss {eval_before:.3f} -> {eval_after:.3f}" if eval_set is not None else "")
-        + (f"; LoRA r={spec.lora_r} on {', '.join(lora_targets)}" if spec.lora_r else "")
-        + "."
-    )
+    training = training_record(spec, len(train_set), eval_before, eval_after, lora_targets)
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not spec.lora_r:
-            card = render_model_card(base_model, f"EngramMoE ({spec.config})", str(shown_dir), note)
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+            record_card_info(tmp, name=f"EngramMoE ({spec.config})", training=training)
+            card = render_model_card(base_model, path=str(shown_dir), info=read_card_info(tmp))
+            write_card(tmp, card)
 
     atomic_write_dir(model_dir, save)
     # The saved model holds the trained tables; the work files of disk-offloaded training, and the
