@@ -239,6 +239,7 @@ def test_patch_on_a_v41_checkpoint_rewrites_bytes_and_scales_and_reverts_bit_exa
 
     def digest(d):  # the checkpoint's files (the output marker names the command that wrote it)
         return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in d.iterdir() if f.name != OUTPUT_MARKER}
+
     before = digest(v41)
     engram = load_engram_v41(v41, gpt2_tokenizer)
     ids, _ = _text_ids(gpt2_tokenizer, ["Paris is the capital of France"])
