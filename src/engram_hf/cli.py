@@ -134,6 +134,21 @@ def _inspect(args) -> int:
     return 0
 
 
+def _quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(
+        args.out,
+        preset=args.preset,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        base=args.base,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
 def _card(args) -> int:
     from pathlib import Path
 
@@ -161,17 +176,12 @@ def _quantize(args) -> int:
 
 
 def _eval(args) -> int:
-    import logging
 
-    from .evaluation.runner import EvalSpec, run_eval
+    from .evaluation.runner import EvalSpec, quiet_logs, run_eval
 
     if args.engram_cache_rows and not args.engram_offload:
         raise UsageError("--engram-cache-rows applies to offloaded tables: add --engram-offload cpu|disk")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("engram_hf", "lm_eval"):
-        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
-    # lm-eval warns once per task that reads a `custom_dataset` (all of ours) how to pass metadata: noise here.
-    logging.getLogger("lm_eval.api.task").addFilter(lambda r: "Custom kwargs can be passed" not in r.getMessage())
+    quiet_logs(args.verbose)
     spec = EvalSpec(
         model=args.model,
         tasks=[t for item in args.tasks for t in item.split(",") if t],
@@ -498,6 +508,28 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--cache-rows", type=int, default=0, help="hot-row cache size per table (engram_cache_rows)")
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=_inspect)
+
+    from .quickstart import PRESETS as QUICKSTART_PRESETS
+
+    qs = sub.add_parser(
+        "quickstart",
+        help="Engram's whole value in one run: train vs an iso-parameter MoE, reload and offload, lm-eval, "
+        "correct a fact, a report with pictures",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    qs.add_argument("--out", default="runs/quickstart")
+    qs.add_argument(
+        "--preset",
+        choices=sorted(QUICKSTART_PRESETS),
+        default="tiny",
+        help="; ".join(f"{k}: {v.description}" for k, v in QUICKSTART_PRESETS.items()),
+    )
+    qs.add_argument("--data", nargs="+", help=".txt/.jsonl files or directories (default: the built-in Sonnets)")
+    qs.add_argument("--tokenizer", help="a tokenizer directory (default: a byte-level BPE trained on the data)")
+    qs.add_argument("--base", help="a pretrained causal LM (directory or hub id) to attach Engram to")
+    qs.add_argument("--seed", type=int, default=0)
+    qs.add_argument("--overwrite", action="store_true", help="replace an --out directory quickstart did not write")
+    qs.set_defaults(func=_quickstart)
 
     ca = sub.add_parser("card", help="render a checkpoint's (or an adapter's) model card into its README.md")
     ca.add_argument("path", help="EngramMoE checkpoint, merged Engram-attached checkpoint or adapter directory")

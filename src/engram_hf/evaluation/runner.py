@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import data, mmlu, ruler, suite
-from .report import compare_table, retained_by_task, table, update_card
+from .report import compare_table, plot_compare, retained_by_task, table, update_card
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,22 @@ class Plan:
     notes: list[str]
 
 
+def quiet_logs(verbose: bool = False) -> None:
+    """engram-hf's and lm-eval's logs at INFO (``verbose``) or WARNING, without lm-eval's per-task note
+    on passing metadata (all our tasks read a ``custom_dataset``: noise here)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("engram_hf", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    task_log = logging.getLogger("lm_eval.api.task")
+    if not any(getattr(f, "_engram_hf", False) for f in task_log.filters):
+        note = logging.Filter()
+        note.filter = lambda r: "Custom kwargs can be passed" not in r.getMessage()
+        note._engram_hf = True
+        task_log.addFilter(note)
+
+
 def _family(name: str) -> str:
-    for family in ("mmlu", "bbh", "humaneval", "minerva_math"):
+    for family in ("mmlu", "bbh", "humaneval", "minerva_math", "facts"):
         if name.startswith(f"{suite.PREFIX}{family}"):
             return family
     return "ruler"
@@ -231,8 +245,9 @@ def default_out(spec: EvalSpec) -> Path:
 
 
 def run_eval(spec: EvalSpec, progress=print) -> dict:
-    """Run ``spec``; write ``results.json`` (and ``results_masked.json`` with ``compare_mask``), the
-    samples when asked, and ``results.md`` into ``spec.out``; return a summary."""
+    """Run ``spec``; write ``results.json`` (and, with ``compare_mask``, ``results_masked.json`` and
+    ``masked_vs_unmasked.png``), the samples when asked, and ``results.md`` into ``spec.out``;
+    return a summary."""
     import lm_eval
 
     from ..utils import claim_output_dir
@@ -295,6 +310,8 @@ def run_eval(spec: EvalSpec, progress=print) -> dict:
                         for item in items:
                             f.write(json.dumps(item, default=str, ensure_ascii=False) + "\n")
         (tmp / "results.md").write_text(markdown, encoding="utf-8")
+        if spec.compare_mask:
+            plot_compare(outputs[False], outputs[True], the_plan.tasks, tmp / "masked_vs_unmasked.png")
 
     output.write(write)
     progress(f"results: {out_dir / 'results.md'}")
