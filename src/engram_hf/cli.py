@@ -731,5 +731,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m engram_hf.cli
     sys.exit(main())
