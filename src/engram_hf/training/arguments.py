@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 
 def training_arguments(spec, out: Path, evaluate: bool) -> TrainingArguments:
     """Cosine schedule with warm-up, ~50 log lines and six evaluations over the run (``eval_every``
-    overrides), checkpoints every ``save_steps`` if set, under ``out/checkpoints``."""
+    overrides; -1: none during the run), checkpoints every ``save_steps`` if set, under ``out/checkpoints``."""
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         max_steps=spec.steps,
@@ -22,7 +22,7 @@ def training_arguments(spec, out: Path, evaluate: bool) -> TrainingArguments:
         lr_scheduler_type="cosine",
         warmup_steps=max(1, int(spec.steps * spec.warmup_fraction)),
         logging_steps=max(1, spec.steps // 50),
-        eval_strategy="steps" if evaluate else "no",
+        eval_strategy="steps" if evaluate and spec.eval_every >= 0 else "no",
         eval_steps=spec.eval_every or max(1, spec.steps // 6),
         save_strategy="steps" if spec.save_steps else "no",
         save_steps=spec.save_steps or 500,

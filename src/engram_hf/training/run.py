@@ -42,7 +42,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
     eval_fraction: float = 0.05
-    eval_every: int = 0  # 0: six evaluations over the run
+    eval_every: int = 0  # 0: six evaluations over the run; -1: only the final held-out loss
     save_steps: int = 0  # 0: no intermediate checkpoints
     resume_from: str | None = None
     gradient_checkpointing: bool = False
@@ -227,7 +227,7 @@ def run_training(
         data_collator=default_data_collator,
         optimizers=(optimizer, None),
     )
-    eval_before = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    eval_before = trainer.evaluate()["eval_loss"] if eval_set is not None and spec.eval_every >= 0 else None
     trainer.train(resume_from_checkpoint=spec.resume_from)
     eval_after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 
@@ -237,7 +237,8 @@ def run_training(
     note = (
         f"{spec.steps} steps with `transformers.Trainer` ({spec.table_optimizer} table optimizer, lr "
         f"{spec.learning_rate}, cosine), blocks of {spec.block_size} tokens, batch {spec.batch_size}"
-        + (f"; held-out loss {eval_before:.3f} -> {eval_after:.3f}" if eval_set is not None else "")
+        + (f"; held-out loss {eval_before:.3f} -> {eval_after:.3f}" if eval_before is not None else "")
+        + (f"; held-out loss {eval_after:.3f}" if eval_before is None and eval_after is not None else "")
         + (f"; LoRA r={spec.lora_r} on {', '.join(lora_targets)}" if spec.lora_r else "")
         + "."
     )
