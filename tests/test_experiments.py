@@ -287,6 +287,16 @@ def test_ushape_command_trains_every_point_and_seed(tmp_path):
     assert json.loads((out / "ushape" / "results.json").read_text())["minimum"] == expected
     assert (out / "ushape" / "ushape.png").read_bytes()[:4] == b"\x89PNG"
 
+    # Run again: an interrupted sweep resumes, so finished points are read back, not retrained.
+    weights = out / "ushape" / "rho20-seed1" / "model" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    assert main([*args, "--seeds", "0", "1", "--rhos", "0", "20", "50", "--vocab-size", "384", "--quick"]) == 0
+    again = json.loads((out / "results.json").read_text())["ushape"]
+    assert [p["eval_loss"] for p in again["points"]] == [p["eval_loss"] for p in u["points"]]
+    assert weights.stat().st_mtime_ns == stamp
+    # A finished run under other settings is not silently mixed in.
+    assert main([*args, "--steps", "3", "--seeds", "0", "--rhos", "0", "20", "--vocab-size", "384", "--quick"]) == 1
+
 
 @pytest.mark.slow
 def test_mask_command_trains_and_scores_every_task(tmp_path):

@@ -311,15 +311,44 @@ def experiment_ushape(
     summary = {}
     for seed, p in tqdm(runs, desc="ushape runs", disable=not spec.progress):
         name = f"rho{round(p['rho'] * 100):02d}"
-        p["eval_loss"].append(
-            _run(name, p["config"], spec, tokenizer, train, evals, out, seed, table)["eval_loss_after"]
-        )
+        loss = _finished_run(out / f"{name}-seed{seed}", spec, seed, p["params"]["total"])
+        if loss is None:
+            loss = _run(name, p["config"], spec, tokenizer, train, evals, out, seed, table)["eval_loss_after"]
+        p["eval_loss"].append(loss)
         summary = _ushape_summary(points, seeds, n_experts, preset)
         _write_json(out / "results.json", summary)
     plot = _plot_ushape(summary, out / "ushape.png")
     summary["plot"] = str(plot) if plot else None
     _write_json(out / "results.json", summary)
     return summary
+
+
+# The fields of a run's recorded spec that change its result; a finished run is reused only when
+# all of them, the seed and the parameter count match.
+_RESULT_FIELDS = ("config", "tokenizer", "bpe_vocab_size", "steps", "batch_size", "block_size", "learning_rate",
+                  "table_lr", "table_optimizer", "weight_decay", "warmup_fraction")
+
+
+def _finished_run(run_dir: Path, spec: TrainSpec, seed: int, total_params: int) -> float | None:
+    """The held-out loss of an earlier, finished run of the same point in ``run_dir`` (its
+    summary.json), so an interrupted sweep resumes instead of starting over; None when there is
+    none. A summary recorded under other settings is an error, not something to overwrite."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    done = json.loads(path.read_text())
+    recorded = done.get("spec", {})
+    differ = [f for f in _RESULT_FIELDS if recorded.get(f) != getattr(spec, f)]
+    if recorded.get("seed") != seed:
+        differ.append("seed")
+    if done.get("parameters") != total_params:
+        differ.append("parameters")
+    if differ or done.get("eval_loss_after") is None:
+        raise ValueError(
+            f"{run_dir} holds a finished run with other settings ({', '.join(differ) or 'no held-out loss'}); "
+            "choose another --out or remove it."
+        )
+    return float(done["eval_loss_after"])
 
 
 def _ushape_summary(points, seeds, n_experts, preset) -> dict:
@@ -608,10 +637,9 @@ def experiment_mask(spec: TrainSpec, texts, out: Path, seeds=(0,), preset: str =
             "runs": runs,
             "tasks": _mask_summary(runs),
         }
+        plot = _plot_mask(summary, out / "mask.png")
+        summary["plot"] = str(plot) if plot else None
         _write_json(out / "results.json", summary)  # after every seed: a long run can be watched
-    plot = _plot_mask(summary, out / "mask.png")
-    summary["plot"] = str(plot) if plot else None
-    _write_json(out / "results.json", summary)
     return summary
 
 
