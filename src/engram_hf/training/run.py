@@ -42,7 +42,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     warmup_fraction: float = 0.1
     eval_fraction: float = 0.05
-    eval_every: int = 0  # 0: six evaluations over the run
+    eval_every: int = 0  # 0: six evaluations over the run; -1: only the final held-out loss
     save_steps: int = 0  # 0: no intermediate checkpoints
     resume_from: str | None = None
     gradient_checkpointing: bool = False
@@ -256,6 +256,8 @@ def training_record(spec: TrainSpec, train_blocks: int, eval_before, eval_after,
     }
     if eval_before is not None and eval_after is not None:
         record["held_out_loss"] = f"{eval_before:.3f} -> {eval_after:.3f} nats/token"
+    elif eval_after is not None:
+        record["held_out_loss"] = f"{eval_after:.3f} nats/token after training"
     if spec.lora_r:
         record["lora"] = f"r={spec.lora_r} on {', '.join(lora_targets or ())}"
     return record
@@ -315,7 +317,7 @@ def run_training(
         optimizers=(optimizer, None),
         processing_class=tokenizer,  # saved with every checkpoint: a resumed run reads the same ids
     )
-    eval_before = trainer.evaluate()["eval_loss"] if eval_set is not None else None
+    eval_before = trainer.evaluate()["eval_loss"] if eval_set is not None and spec.eval_every >= 0 else None
     trainer.train(resume_from_checkpoint=spec.resume_from)
     eval_after = trainer.evaluate()["eval_loss"] if eval_set is not None else None
 
