@@ -315,8 +315,19 @@ def experiment_ushape(
 
 # The fields of a run's recorded spec that change its result; a finished run is reused only when
 # all of them, the seed and the parameter count match.
-_RESULT_FIELDS = ("config", "tokenizer", "bpe_vocab_size", "steps", "batch_size", "block_size", "learning_rate",
-                  "table_lr", "table_optimizer", "weight_decay", "warmup_fraction")
+_RESULT_FIELDS = (
+    "config",
+    "tokenizer",
+    "bpe_vocab_size",
+    "steps",
+    "batch_size",
+    "block_size",
+    "learning_rate",
+    "table_lr",
+    "table_optimizer",
+    "weight_decay",
+    "warmup_fraction",
+)
 
 
 def _finished_run(run_dir: Path, spec: TrainSpec, seed: int, total_params: int) -> float | None:
