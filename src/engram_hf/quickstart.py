@@ -48,7 +48,7 @@ class QuickstartPreset:
 
 PRESETS = {
     "smoke": QuickstartPreset(
-        80, 1e-2, 8, 64, 1024, 4, 8, 100, 100, "every step and artefact in under two minutes (CI)"
+        80, 1e-2, 8, 64, 1024, 4, 8, 100, 300, "every step and artefact in under two minutes (CI)"
     ),
     "tiny": QuickstartPreset(300, 5e-3, 8, 128, 2048, 12, 4, 400, 200, "a few minutes on a laptop CPU"),
     "long": QuickstartPreset(1200, 3e-3, 8, 128, 4096, 24, 4, 400, 300, "half an hour on a laptop CPU"),
@@ -386,8 +386,9 @@ def _edit(trained: _Trained, world, tmp: Path, summary: dict, steps: int) -> Non
         "probes": rows,
         "reverted_bit_exact": reverted,
     }
+    outcome = "corrected" if summary["edit"]["success"] else f"NOT corrected within {steps} steps"
     print(
-        f"  {case.prompt!r}: {case.true_target!r} -> {case.target!r}, {result.patch.num_rows} rows changed; "
+        f"  {case.prompt!r}: {case.true_target!r} -> {case.target!r} {outcome}, {result.patch.num_rows} rows changed; "
         f"p(new) {rows[0]['p_new_before']:.2f} -> {rows[0]['p_new_after']:.2f}; reverted bit for bit"
     )
 
@@ -442,8 +443,14 @@ def report(summary: dict, out: Path) -> str:
     if "skipped" in edit:
         lines.append(f"Skipped: {edit['skipped']}.")
     else:
+        # Said as it happened: an edit that did not make the new answer the greedy one is no correction.
+        outcome = (
+            "corrected to"
+            if edit["success"]
+            else "could not be corrected (the new answer did not become the greedy one within the edit's steps) to"
+        )
         lines.append(
-            f"`{edit['fact']}` corrected to `{edit['new']}` by rewriting {edit['rows']} table rows (layers "
+            f"`{edit['fact']}` {outcome} `{edit['new']}` by rewriting {edit['rows']} table rows (layers "
             f"{edit['layers']}); the patch is `fix.safetensors` (`engram-hf patch apply` writes it into a checkpoint "
             "copy). Reverted bit for bit afterwards."
         )
