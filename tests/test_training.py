@@ -197,6 +197,7 @@ def test_held_out_evaluation_scales_with_the_run(tmp_path):
         (["--set", "hc_mult"], "--set takes KEY=VALUE pairs"),
         (["--tokenizer", "/no/such/tokenizer_dir"], "Tokenizer directory /no/such/tokenizer_dir does not exist"),
         (["--config", "{cfg}"], "unknown config field(s) ['hidden_sise']"),
+        (["--dataset", "some/name"], "give one of --data FILES/DIRS or --dataset NAME, not both"),
     ],
 )
 def test_train_cli_user_errors_are_one_line(tmp_path, capsys, extra, message):

@@ -34,8 +34,8 @@ def _train(args) -> int:
     from .training import TrainSpec, read_texts, run_training, texts_from_dataset
     from .training.run import check_spec
 
-    if bool(args.data) == bool(args.dataset):
-        raise UsageError("give exactly one of --data FILES/DIRS or --dataset NAME")
+    if args.data and args.dataset:
+        raise UsageError("give one of --data FILES/DIRS or --dataset NAME, not both")
     engram = {}
     if args.base:
         if not args.engram_layers:
@@ -89,7 +89,16 @@ def _train(args) -> int:
         overwrite=args.overwrite,
     )
     check_spec(spec)
-    texts = read_texts(args.data, args.text_field) if args.data else texts_from_dataset(args.dataset, args.text_field)
+    if args.data:
+        texts = read_texts(args.data, args.text_field)
+    elif args.dataset:
+        texts = texts_from_dataset(args.dataset, args.text_field)
+    else:
+        from .data import builtin_text
+
+        # Said out loud, so nobody mistakes a model of the Sonnets for one of their own text.
+        print("engram-hf train: no --data or --dataset given: training on the built-in Sonnets", file=sys.stderr)
+        texts = [builtin_text()]
     result = run_training(spec, texts)
     print(f"model: {result['model_dir']}  held-out loss: {result['eval_loss_before']} -> {result['eval_loss_after']}")
     if result.get("lora_adapter"):
@@ -434,7 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. hc_mult=2 engram_layer_ids=[1]"
     )
-    tr.add_argument("--data", nargs="+", help=".txt/.jsonl files or directories of them")
+    tr.add_argument(
+        "--data", nargs="+", help=".txt/.jsonl files or directories of them (default, without --dataset: the built-in Sonnets)"
+    )
     tr.add_argument("--dataset", help="a datasets name or local dataset path (split 'train'), instead of --data")
     tr.add_argument("--text-field", default="text", help="text field of .jsonl lines / dataset column")
     tr.add_argument("--tokenizer", help="tokenizer directory (default: train a byte-level BPE on the data)")
