@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engram_hf.data import builtin_text
-from engram_hf.editing import CorpusIndex, EditRequest, EngramEditor, EngramPatch, RowSet
+from engram_hf.editing import CorpusIndex, EditRequest, EngramEditor, EngramPatch
 from engram_hf.editing.batch import plot_curves
 from engram_hf.editing.evaluate import ScoreCase, _pair_scores, counterfact_scores
 from engram_hf.editing.facts import RELATIONS, FactWorld, train_fact_model
@@ -64,13 +64,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import device_name  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "shakespeare"
-HEADLINE = dict(positions="subject", templates=True, prefixes=2)
 METHODS = {
-    "rows": dict(editor=dict()),
-    "rows+templates": dict(editor=dict(positions="subject", templates=True)),
-    "rows+templates+prefixes": dict(editor=HEADLINE),
-    "rows+templates+related": dict(editor=dict(positions="subject", templates=True, keep_related=True)),
-    "rows batch": dict(editor=HEADLINE, batch=True),
+    "rows": dict(editor=dict(keep_related=False)),
+    "rows+templates": dict(editor=dict(templates=True, keep_related=False)),
+    "rows+templates subject-only": dict(editor=dict(positions="subject", templates=True, keep_related=False)),
+    "rows+templates+prefixes": dict(editor=dict(templates=True, prefixes=2, keep_related=False)),
+    "rows+templates+related": dict(editor=dict(templates=True, keep_related=True)),
+    "rows batch": dict(editor="headline", batch=True),
     "ft-full": dict(ft="full"),
     "ft-ffn": dict(ft="ffn"),
 }
@@ -132,7 +132,11 @@ class Probe:
             self.doc_ref = [model(torch.tensor([d]), use_cache=False).logits[0] for d in self.docs]
 
     @torch.no_grad()
-    def measure(self, m, rowset: RowSet | None) -> dict:
+    def measure(self, m, patch: EngramPatch | None = None) -> dict:
+        """Fluency against the unedited model's logits; with ``patch`` (all row edits so far, applied
+        to ``m``) exact locality, compared bit for bit on ``m`` itself with the patch reverted: two
+        copies of a model need not round alike (a CPU matmul's kernel can depend on where a tensor
+        lies in memory), one model before and after an edit must."""
         logits = m(self.heldout, use_cache=False).logits.float()
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), self.heldout[:, 1:].flatten())
         out = {
@@ -140,24 +144,40 @@ class Probe:
             "heldout_top1_agreement": 100.0 * float((logits.argmax(-1) == self.heldout_ref.argmax(-1)).float().mean()),
         }
         seqs = list(self.docs) + self.heldout.tolist()
-        same = total = 0
-        for ids, ref in zip(self.docs, self.doc_ref):
-            same += int((m(torch.tensor([ids]), use_cache=False).logits[0] == ref).all(-1).sum())
-            total += len(ids)
+        if patch is None:
+            same = total = 0
+            for ids, ref in zip(self.docs, self.doc_ref):
+                same += int((m(torch.tensor([ids]), use_cache=False).logits[0] == ref).all(-1).sum())
+                total += len(ids)
+            out["corpus_bit_identical"] = 100.0 * same / total
+            return out
+        rowset = patch.rowset()
+        prefixes = []  # per sequence: its positions that read no edited row (nor does an earlier one)
+        for ids in seqs:
+            x = torch.tensor([ids])
+            prefixes.append(int((~reachable(reads(m, rowset, x))[0]).sum()))
+
+        def forwards():
+            full = [m(torch.tensor([ids]), use_cache=False).logits[0] for ids in self.docs]
+            cut = [
+                m(torch.tensor([ids[:n]]), use_cache=False).logits[0] if n else None for ids, n in zip(seqs, prefixes)
+            ]
+            return full, cut
+
+        full, cut = forwards()
+        patch.revert(m)
+        try:
+            full_ref, cut_ref = forwards()
+        finally:
+            patch.apply(m)
+        total = sum(len(ids) for ids in self.docs)
+        same = sum(int((a == b).all(-1).sum()) for a, b in zip(full, full_ref))
         out["corpus_bit_identical"] = 100.0 * same / total
-        if rowset is not None:  # exact locality: untouched prefixes, each in a forward of its own
-            untouched = equal = 0
-            for ids in seqs:
-                x = torch.tensor([ids])
-                free = int((~reachable(reads(m, rowset, x))[0]).sum())
-                if free:
-                    a = m(x[:, :free], use_cache=False).logits
-                    b = self.model(x[:, :free], use_cache=False).logits
-                    untouched += free
-                    equal += int((a == b).all(-1).sum())
-            out["untouched_positions"] = untouched
-            out["untouched_share"] = 100.0 * untouched / sum(len(s) for s in seqs)
-            out["untouched_bit_identical"] = 100.0 * equal / untouched if untouched else None
+        untouched = sum(prefixes)
+        equal = sum(int((a == b).all(-1).sum()) for a, b in zip(cut, cut_ref) if a is not None)
+        out["untouched_positions"] = untouched
+        out["untouched_share"] = 100.0 * untouched / sum(len(s) for s in seqs)
+        out["untouched_bit_identical"] = 100.0 * equal / untouched if untouched else None
         return out
 
 
@@ -212,15 +232,20 @@ def score_cases(world, cases, edited_prompts, known):
 
 def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe, args, corpus_docs):
     m = copy.deepcopy(model).eval()
-    curve, steps, seconds, rows, rowset, converged = [], [], 0.0, 0, RowSet(), 0
+    curve, steps, seconds, rows, converged = [], [], 0.0, 0, 0
     editor = None
     templates = world.templates()
-    headline = EngramEditor(m, tok, templates=templates, **{k: v for k, v in HEADLINE.items() if k != "templates"})
-    if "editor" in spec:
-        kw = dict(spec["editor"])
+
+    def make_editor(kw):
+        kw = dict(kw)
         if kw.pop("templates", False):
             kw["templates"] = templates
-        editor = EngramEditor(m, tok, max_steps=args.max_steps, progress=False, seed=args.seed, **kw)
+        return EngramEditor(m, tok, max_steps=args.max_steps, progress=False, seed=args.seed, **kw)
+
+    headline_kw = METHODS[args.headline]["editor"]
+    headline = make_editor(headline_kw)  # its sequences are what the fine-tuning baselines train on
+    if "editor" in spec:
+        editor = make_editor(headline_kw if spec["editor"] == "headline" else spec["editor"])
     batch = args.batch_size if spec.get("batch") else 1
     todo = list(checkpoints)
     bar = tqdm(total=len(cases), desc=name, unit="edit")
@@ -234,7 +259,6 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
             steps.append(result.steps)
             converged += sum(r.converged for r in result.requests)
             rows += result.patch.num_rows
-            rowset = rowset.union(result.patch.rowset())
         else:
             if spec["ft"] == "full":
                 params, table_rows = list(m.parameters()), True
@@ -251,7 +275,7 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
                 todo.pop(0)
             point = {"edits": done, "edit_seconds": seconds}
             point.update(counterfact_scores(m, tok, scored[:done]))
-            point.update(probe.measure(m, rowset if editor is not None else None))
+            point.update(probe.measure(m, EngramPatch.stack(editor.history) if editor is not None else None))
             curve.append(point)
             tqdm.write(f"{name} {json.dumps({k: round(v, 2) for k, v in point.items() if isinstance(v, float)})}")
     bar.close()
@@ -275,7 +299,7 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
         out["converged"] = converged
         stacked = EngramPatch.stack(editor.history)
         out["rows_changed"] = stacked.changed_rows
-        out["collisions"] = collisions(m, tok, editor, corpus_docs) if name == "rows+templates+prefixes" else None
+        out["collisions"] = collisions(m, tok, editor, corpus_docs) if name == args.headline else None
         # Revert every edit, in a random order the patch stack allows; the tables must be bit-identical.
         t = time.perf_counter()
         rng = random.Random(args.seed)
@@ -323,9 +347,13 @@ def main():
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=100, help="requests per optimisation of 'rows batch'")
     ap.add_argument("--heldout-chars", type=int, default=3000)
-    ap.add_argument("--methods", default="rows+templates+prefixes,rows batch,ft-full,ft-ffn")
-    ap.add_argument("--ablations", default="rows,rows+templates,rows+templates+related")
-    ap.add_argument("--ablation-edits", type=int, default=200)
+    ap.add_argument("--headline", default="rows+templates", help="the row method 'rows batch' and the baselines follow")
+    ap.add_argument("--methods", default="rows+templates,rows batch,ft-full,ft-ffn")
+    ap.add_argument(
+        "--ablations", default="rows,rows+templates subject-only,rows+templates+prefixes,rows+templates+related"
+    )
+    ap.add_argument("--ablation-edits", type=int, default=100, help="the ablations run on the first this many edits")
+    ap.add_argument("--ft-edits", type=int, default=100, help="the fine-tuning baselines run on the first this many")
     ap.add_argument("--checkpoints", default="1,10,50,100,200,400,600,800,1000")
     ap.add_argument("--model-cache", help="directory to keep the trained fact model in (reused if settings match)")
     ap.add_argument("--threads", type=int, default=1)
@@ -333,7 +361,7 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    for name in [*args.methods.split(","), *args.ablations.split(",")]:
+    for name in [args.headline, *args.methods.split(","), *args.ablations.split(",")]:
         if name and name not in METHODS:
             raise SystemExit(f"unknown method {name!r}: choose from {sorted(METHODS)}")
     torch.set_num_threads(args.threads)
@@ -365,12 +393,13 @@ def main():
     results = {"methods": {}}
     before = []
     for k in checkpoints:
-        point = {"edits": k, **counterfact_scores(model, tok, scored[:k]), **probe.measure(model, None)}
+        point = {"edits": k, **counterfact_scores(model, tok, scored[:k]), **probe.measure(model)}
         before.append(point)
     results["methods"]["unedited"] = {"curve": before}
-    plan = [(n, len(cases)) for n in args.methods.split(",") if n] + [
-        (n, min(args.ablation_edits, len(cases))) for n in args.ablations.split(",") if n
+    plan = [
+        (n, min(args.ft_edits, len(cases)) if "ft" in METHODS[n] else len(cases)) for n in args.methods.split(",") if n
     ]
+    plan += [(n, min(args.ablation_edits, len(cases))) for n in args.ablations.split(",") if n]
     for name, n in plan:
         cps = [k for k in checkpoints if k < n] + [n]
         results["methods"][name] = run_method(

@@ -145,7 +145,7 @@ def disk_benchmark(args, device, tmp: Path) -> dict:
     }
     times = {name: [] for name in models}
     with torch.no_grad():
-        for name, model in models.items():
+        for model in models.values():
             model(batches[0])  # warm up (allocations)
         for _ in range(args.repeats):
             for name, model in models.items():
@@ -192,7 +192,9 @@ def main(argv=None) -> int:
     print(f"disk tier (page cache evicted before every pass), {d['rows_per_layer']} rows per layer:")
     for name in ("fp32", "fp8"):
         print(f"  {name:5s} tables {d[name]['table_bytes'] / 2**20:8.1f} MiB  {d[name]['tokens_per_s']:9.1f} tokens/s")
-    print(f"  fp8 vs fp32: x{d['fp8']['tokens_per_s_vs_fp32']:.2f} tokens/s, x{d['fp8']['table_bytes_vs_fp32']:.3f} bytes")
+    print(
+        f"  fp8 vs fp32: x{d['fp8']['tokens_per_s_vs_fp32']:.2f} tokens/s, x{d['fp8']['table_bytes_vs_fp32']:.3f} bytes"
+    )
     return 0
 
 

@@ -281,3 +281,20 @@ def wake_engram(model, seed=0, scale=0.2, adapter=None):
     for memory in model.engram.engram_layers(adapter).values():
         for p in (memory.value_proj.weight, memory.conv.weight):
             p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+# ----------------------------------------------------------------------------- the quickstart
+@pytest.fixture(scope="session")
+def quickstart_dir(tmp_path_factory):
+    """``engram-hf quickstart --preset smoke`` run once, as a user runs it (a subprocess): what README
+    command 1 leaves in ``runs/quickstart``."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("quickstart") / "runs" / "quickstart"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "engram_hf.cli", "quickstart", "--preset", "smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out

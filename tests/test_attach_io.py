@@ -48,7 +48,7 @@ def test_adapter_round_trip(trained, tmp_path):
     base_dir, model = trained
     save_engram(model, tmp_path / "adapter")
     files = sorted(p.name for p in (tmp_path / "adapter").iterdir())
-    assert files == ["engram.safetensors", "engram_config.json"]
+    assert files == ["README.md", "engram.safetensors", "engram_config.json"]  # the card, the weights, the spec
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files left behind"
     meta = json.loads((tmp_path / "adapter" / "engram_config.json").read_text())
     assert meta["adapter_name"] == "default" and meta["spec"]["layer_ids"] == [0, 2]

@@ -235,7 +235,11 @@ def test_every_tier_and_the_stand_in_gates(v41, gpt2_tokenizer):
 def test_patch_on_a_v41_checkpoint_rewrites_bytes_and_scales_and_reverts_bit_exactly(v41, gpt2_tokenizer, tmp_path):
     import hashlib
 
-    digest = lambda d: {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in d.iterdir()}  # noqa: E731
+    from engram_hf.utils import OUTPUT_MARKER
+
+    def digest(d):  # the checkpoint's files (the output marker names the command that wrote it)
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in d.iterdir() if f.name != OUTPUT_MARKER}
+
     before = digest(v41)
     engram = load_engram_v41(v41, gpt2_tokenizer)
     ids, _ = _text_ids(gpt2_tokenizer, ["Paris is the capital of France"])

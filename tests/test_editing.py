@@ -293,7 +293,9 @@ def test_subject_edits_go_through_the_subjects_own_rows(facts):
     editor = EngramEditor(model, tokenizer, positions="subject", progress=False)
     result = editor.edit(request, apply=False)
     report = result.requests[0]
-    assert report.prob_after > 10 * report.prob_before  # the subject's rows alone move the answer
+    # The subject's rows alone move the answer (without the last position's rows, and at target
+    # positions only n-grams inside the target, they need not reach target_prob).
+    assert report.prob_after > 5 * report.prob_before
     at_subject = [g for g in report.ngrams if g["at"] == "subject"]
     assert at_subject
     for g in at_subject:
@@ -466,7 +468,7 @@ def test_apply_to_checkpoint_writes_a_patched_copy(facts, tmp_path):
     # grown by a token) leaves the source's files as they were.
     source_files = {f.name: f.read_bytes() for f in path.iterdir() if f.is_file()}
     for f in out.iterdir():
-        if f.is_file():
+        if f.is_file() and (path / f.name).exists():  # the copy also holds its output marker
             assert not os.path.samefile(f, path / f.name), f"{f.name} is the source's own file"
     grown = AutoTokenizer.from_pretrained(out)
     grown.add_tokens(["<never-seen-before>"])
@@ -934,17 +936,132 @@ def test_cli_edit_requests_file_writes_patches_and_a_report(facts, tmp_path, cap
     EngramPatch.stack(loaded).revert(model)
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
 
-    # A second run refuses to overwrite what is there, and leaves it.
-    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert cli_main(argv) == 1
-    assert "already exist" in capsys.readouterr().err
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert cli_main([*argv, "--overwrite", "--stack", "--batch-size", "3"]) == 0
+    # A directory the command did not write is refused, before any work, and left as it is; so are the
+    # checkpoint and a directory holding the requests.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    base = ["edit", str(path), "--requests", str(requests), "--templates", str(templates), "--out"]
+    for target, message in [
+        (mine, "already holds notes.txt"),
+        (path, "which engram-hf edit reads"),
+        (tmp_path, "holds"),
+    ]:
+        capsys.readouterr()
+        assert cli_main([*base, str(target)]) == 1
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # Its own earlier output is replaced whole (the per-request patches go: one stacked patch now); the
+    # user's file beside it is kept.
+    (out / "notes.txt").write_text("mine")
+    assert cli_main([*base, str(out), "--stack", "--batch-size", "3"]) == 0
     capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "metrics.png",
+        "notes.txt",
+        "patch.safetensors",
+        "report.md",
+        "results.json",
+    ]
     stacked = EngramPatch.load(out / "patch.safetensors")
     assert len(stacked.requests) == 3
     assert json.loads((out / "results.json").read_text())["settings"]["batch_size"] == 3
+    assert cli_main([*base, str(mine), "--overwrite", "--checkpoints", "1"]) == 0
+    capsys.readouterr()
+    assert (mine / "notes.txt").read_text() == "mine" and (mine / "report.md").exists()
     # Bad lines are named.
     bad = _jsonl(tmp_path / "bad.jsonl", [rows[0], {"prompt": "x", "target": " y", "colour": 1}])
     assert cli_main(["edit", str(path), "--requests", str(bad)]) == 1
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_edit_request_fields_after_target_are_keyword_only_and_typed():
+    with pytest.raises(TypeError):
+        EditRequest("The capital of Zorbania is", " Quelth", "Zorbania")  # a subject given by position
+    for kwargs, message in [
+        (dict(paraphrases="The capital is"), "paraphrases must be a list of strings"),
+        (dict(locality=[3]), "locality must be a list of strings"),
+        (dict(subject=["Zorbania"]), "subject must be a string or None"),
+        (dict(true_target=5), "true_target must be a string or None"),
+    ]:
+        with pytest.raises(EditInputError, match=message):
+            EditRequest("The capital of Zorbania is", " Quelth", **kwargs)
+    with pytest.raises(EditInputError, match="paraphrases must be a list of strings"):
+        EditRequest.coerce({"prompt": "p", "target": " t", "paraphrases": "one prompt"})
+    assert EditRequest("p", " t", paraphrases=("a", "b")).paraphrases == ["a", "b"]
+
+
+def test_locate_and_edit_name_rows_alike(facts):
+    """The rows ``locate`` prints for a prompt's last position are the global row ids ``edit`` prints."""
+    import re
+
+    world, path, tokenizer, _ = facts
+    model = _load(path)
+    case = _case(world, tokenizer, model)
+    loc = locate(model, tokenizer, case.prompt, progress=False)
+    last = loc.report().split(f"[{len(loc.tokens) - 1}]")[1]
+    located = {int(r) for r in re.findall(r" row +(\d+) \(head", last)}
+    assert located == {h.row for h in loc.positions[-1].rows}
+    result = EngramEditor(model, tokenizer, positions="needed", progress=False).edit(
+        EditRequest(case.prompt, case.target)
+    )
+    edited = {int(r) for r in re.findall(r"-gram .* row (\d+)$", result.report(), re.M)}
+    assert edited and edited <= located
+    assert any(h.row != h.index for h in loc.positions[-1].rows)  # the two numberings differ here
+
+
+def test_cli_corpus_txt_is_one_context_per_line(facts, tmp_path, capsys):
+    world, path, tokenizer, corpus = facts
+    lines = [world.prompt(f) + " " + f.object + "." for f in world.facts[:5]]
+    corpus_file = tmp_path / "facts.txt"
+    corpus_file.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n", encoding="utf-8")
+    assert cli_main(["locate", str(path), "--text", lines[0], "--corpus", str(corpus_file), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["corpus"]["documents"] == 5
+
+
+def test_cli_outputs_never_replace_what_the_command_did_not_write(facts, tmp_path, capsys):
+    """patch apply/revert/stack and edit: the source checkpoint, a user's directory or file, an existing
+    patch are never replaced (or only with --overwrite, keeping the user's other files)."""
+    world, path, tokenizer, _ = facts
+    sha = lambda p: hashlib.sha256((p / "model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    digest = sha(path)
+    model = _load(path)
+    case = _case(world, tokenizer, model)
+    patch_file = tmp_path / "fix.safetensors"
+    EngramEditor(model, tokenizer, progress=False).edit(EditRequest(case.prompt, case.target)).patch.save(patch_file)
+    patch_bytes = patch_file.read_bytes()
+
+    def refused(argv, message):
+        capsys.readouterr()
+        assert cli_main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+
+    apply = ["patch", "apply", str(path), str(patch_file), "--out"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    refused([*apply, str(mine)], "already holds notes.txt")
+    refused([*apply, str(path)], f"is {path}, which engram-hf patch apply reads")
+    refused([*apply, str(path), "--overwrite"], "which engram-hf patch apply reads")
+    refused([*apply, str(path / "patched")], "lies inside")
+    refused([*apply, str(path.parent)], "holds")
+    refused([*apply, str(patch_file)], "is a file")
+    assert sha(path) == digest and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+    assert cli_main([*apply, str(mine), "--overwrite"]) == 0
+    assert (mine / "notes.txt").read_text() == "mine" and sha(mine) != digest
+    out = tmp_path / "patched"
+    assert cli_main([*apply, str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert cli_main([*apply, str(out)]) == 0  # its own earlier output: replaced, the user's notes kept
+    assert (out / "notes.txt").read_text() == "mine" and sha(out) == sha(mine)
+    refused(["patch", "revert", str(out), str(patch_file), "--out", str(mine)], "engram-hf patch apply wrote them")
+
+    refused(
+        ["edit", str(path), "--prompt", case.prompt, "--target", case.target, "--out", str(patch_file)],
+        "already exists: choose a new name, or pass --overwrite",
+    )
+    refused(["patch", "stack", str(patch_file), "--out", str(patch_file), "--overwrite"], "patch stack reads")
+    assert patch_file.read_bytes() == patch_bytes
+    capsys.readouterr()

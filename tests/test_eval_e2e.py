@@ -247,3 +247,50 @@ def test_python_m_engram_hf_evaluation_is_lm_evals_cli_with_the_engram_model(ckp
         torch.tensor([[v for v, _ in doc] for doc in ours]),
         **float_tolerance(torch.float32, reduction=384, scale=12.0),
     )
+
+    # lm-eval writes each (log-likelihood, is-greedy) pair as strings.
+    assert results["True"] == [[[[str(v) for v in r[0]]] for r in doc] for doc in in_process]
+
+
+def test_eval_refuses_bad_numbers_and_outputs_it_did_not_write(ckpt, tmp_path, capsys):
+    from engram_hf.cli import main
+
+    need_shared(EVAL_DATA, "The evaluation data (MMLU)")
+    base = ["eval", str(ckpt), "--tasks", "mmlu_anatomy", "--limit", "1", "--data-dir", str(EVAL_DATA)]
+    base += ["--device", "cpu"]
+
+    def refused(extra, message):
+        assert main([*base, *extra]) == 1, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (extra, err)
+
+    new = ["--out", str(tmp_path / "new")]
+    refused(["--num-fewshot", "-3", *new], "--num-fewshot must be an integer >= 0, got -3")
+    refused(["--batch-size", "0", *new], "--batch-size must be a positive integer or 'auto', got 0")
+    refused(["--batch-size", "many", *new], "--batch-size must be a positive integer or 'auto', got 'many'")
+    refused(["--ruler-samples", "-1", *new], "--ruler-samples must be a positive integer")
+    assert not (tmp_path / "new").exists()
+
+    from engram_hf.utils import claim_output_dir
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    refused(["--out", str(afile)], "is a file, and engram-hf eval writes a directory")
+    refused(["--out", str(afile), "--overwrite"], "is a file")
+    refused(["--out", str(ckpt)], "which engram-hf eval reads")
+    other = tmp_path / "other"
+    claim_output_dir(other, "eval", source=str(tmp_path / "elsewhere" / "model")).write(
+        lambda tmp: (tmp / "results.md").write_text("their results")
+    )
+    refused(["--out", str(other)], f"holds the output of engram-hf eval for {tmp_path / 'elsewhere' / 'model'}")
+    assert afile.read_text() == "mine" and (other / "results.md").read_text() == "their results"
+
+
+def test_default_eval_output_names_the_checkpoints_folder_too(tmp_path):
+    from engram_hf.evaluation.runner import EvalSpec, default_out
+
+    ham, demo = (EvalSpec(model=str(tmp_path / run / "model"), tasks=["mmlu"]) for run in ("ham", "demo"))
+    assert default_out(ham) == default_out(EvalSpec(model=str(tmp_path / "ham" / "model") + "/", tasks=[]))
+    assert default_out(ham).parts[:2] == ("runs", "eval") and default_out(ham).name == "ham-model"
+    assert default_out(ham) != default_out(demo)
+    assert default_out(EvalSpec(model="org/name", tasks=[])).name == "org-name"

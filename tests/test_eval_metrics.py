@@ -181,6 +181,23 @@ def test_ruler_samples_fit_hold_their_answers_and_are_reproducible(task, bpe_dir
         assert ruler.process_results(s, ["nothing"]) == {"score": 0.0, "1024": 0.0}
 
 
+def test_ruler_with_a_limit_builds_only_the_samples_lm_eval_reads(bpe_dir, tmp_path, no_downloads):
+    """``--limit N`` reads N documents of a task: RULER builds those N (shared out over the lengths, so
+    each length is still scored), not ``ruler_samples`` (500 by default) per length."""
+    from engram_hf.evaluation import ruler
+    from engram_hf.evaluation.runner import EvalSpec, metadata
+
+    md = {"tokenizer": bpe_dir, "max_seq_lengths": [512, 1024], "ruler_samples": 5}
+    built = ruler.samples("niah_single_1", dict(md, ruler_limit=3), data_dir=tmp_path)
+    assert [s["max_length"] for s in built] == [512, 512, 1024]
+    assert built == [s for s in ruler.samples("niah_single_1", md, data_dir=tmp_path) if s in built]
+    assert ruler.sample_counts({"ruler_limit": 2}) == {4096: 2}
+    assert ruler.sample_counts({"max_seq_lengths": [512, 1024]}) == {512: 500, 1024: 500}
+    assert ruler.sample_counts({"max_seq_lengths": [512, 1024], "ruler_limit": 1}) == {512: 1}
+    spec = lambda limit: EvalSpec(model="m", tasks=["ruler"], limit=limit)  # noqa: E731
+    assert metadata(spec(2.0))["ruler_limit"] == 2 and "ruler_limit" not in metadata(spec(0.5))
+
+
 def test_ruler_scoring_on_known_strings():
     from engram_hf.evaluation import ruler
 

@@ -338,6 +338,18 @@ def test_inspect_cli_errors_are_one_line(ckpt, tmp_path, capsys, argv, message):
     assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
 
 
+def test_inspect_of_a_truncated_checkpoint_fails_in_one_line(ckpt, tmp_path, capsys):
+    import shutil
+
+    local = tmp_path / "ckpt"
+    shutil.copytree(ckpt, local)
+    weights = local / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    assert cli_main(["inspect", str(local)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.safetensors is truncated" in err[0], err
+
+
 @pytest.fixture(scope="module")
 def wide_ckpt(tmp_path_factory):
     """A checkpoint of about 1.2 MiB with ~300 KiB decoder layers, so that the 700 KiB budget below

@@ -12,6 +12,7 @@ from engram_hf.cli import main as cli_main
 from engram_hf.ops.fp8_rows import naive as fp8
 from engram_hf.optim import build_optimizer
 from engram_hf.quantize import quantize_checkpoint
+from engram_hf.utils import OutputExistsError
 
 from conftest import random_ids, tiny_causal_lm, tiny_compression, tiny_model, tiny_spec, wake_engram
 
@@ -53,11 +54,13 @@ def test_quantized_checkpoint_holds_the_encoded_rows_and_reports_their_error(ckp
 
 def test_quantize_refuses_what_it_cannot_do(ckpt, tmp_path):
     path, _ = ckpt
-    with pytest.raises(ValueError, match="is the source checkpoint or inside it"):
+    with pytest.raises(OutputExistsError, match="engram-hf quantize reads"):
         quantize_checkpoint(path, path / "inside", progress=False)
     (tmp_path / "taken").mkdir()
-    with pytest.raises(FileExistsError, match="already exists"):
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
         quantize_checkpoint(path, tmp_path / "taken", progress=False)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     quantize_checkpoint(path, tmp_path / "once", progress=False)
     with pytest.raises(ValueError, match="already stores FP8 tables"):
         quantize_checkpoint(tmp_path / "once", tmp_path / "twice", progress=False)
@@ -73,8 +76,10 @@ def test_cli_quantize(ckpt, tmp_path, capsys):
     assert cli_main(["quantize", str(path), "--out", str(tmp_path / "q"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["tables"]) == {"0", "2"}
-    assert cli_main(["quantize", str(path), "--out", str(tmp_path / "q")]) == 1
-    assert "already exists" in capsys.readouterr().err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert cli_main(["quantize", str(path), "--out", str(tmp_path / "mine")]) == 1
+    assert "--overwrite" in capsys.readouterr().err
 
 
 def test_quantized_adapter_loads_on_its_base(tmp_path):

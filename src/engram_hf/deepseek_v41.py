@@ -26,7 +26,6 @@ and edited here once a release ships it.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +33,11 @@ from pathlib import Path
 import torch
 
 from .memory.compression import build_compression_table
-from .offload.loading import TableInfo, check_local_exists, check_table_memory, open_store
+from .offload.loading import TableInfo, check_local_exists, check_table_memory, checkpoint_files, open_store
 from .offload.stores import safetensors_header
 from .offload.tiers import check_cache_rows, check_tier
 from .ops.fp8_rows import BLOCK as FP8_BLOCK
+from .utils import read_json
 
 DIALECT = "deepseek_v41"
 _KEY = re.compile(
@@ -151,13 +151,7 @@ class V41Checkpoint:
         check_local_exists(path, "DeepSeek-V4.1 checkpoint")
         self.path = Path(path).expanduser()
         config_file = self.path / "config.json"
-        if not config_file.is_file():
-            raise FileNotFoundError(f"{self.path} has no config.json: not a checkpoint directory.")
-        try:
-            raw = json.loads(config_file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file} is not valid JSON: {e}") from None
-        self.config = V41EngramConfig.from_dict(raw, str(config_file))
+        self.config = V41EngramConfig.from_dict(read_json(config_file, "config.json"), str(config_file))
         self.entries: dict[tuple[int, str], tuple[str, str, dict]] = {}
         for file in self._files():
             header, _ = safetensors_header(file)
@@ -171,15 +165,9 @@ class V41Checkpoint:
                 raise ValueError(f"{self.path}: Engram layer {layer} lacks {missing} (not a V4.1 Engram checkpoint?).")
 
     def _files(self) -> list[Path]:
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{index} is not a valid safetensors index: {e}") from None
-            # Only the shards that hold Engram tensors are opened later; every header is read here.
-            return [self.path / n for n in names]
-        files = sorted(self.path.glob("*.safetensors"))
+        """The checkpoint's safetensors files (its index's shards); only the shards holding Engram
+        tensors are opened later, every header is read here."""
+        files = checkpoint_files(self.path) or sorted(self.path.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{self.path} holds no safetensors files.")
         return files
@@ -392,14 +380,11 @@ def attach_v41_tables(
 
 def is_v41_checkpoint(path) -> bool:
     """Whether ``path`` is a checkpoint directory whose config names V4.1's Engram fields."""
-    config = Path(path).expanduser() / "config.json"
-    if not config.is_file():
-        return False
     try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        raw = read_json(Path(path).expanduser() / "config.json")
+    except (OSError, ValueError):
         return False
-    text = raw.get("text_config") or raw
+    text = raw.get("text_config") or raw if isinstance(raw, dict) else None
     return isinstance(text, dict) and "engram_num_embeddings" in text
 
 

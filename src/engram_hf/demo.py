@@ -3,7 +3,8 @@ save → reload through AutoModelForCausalLM → checks → generation → loss-
 
 The whole run is built in a temp directory beside ``out_dir`` and moved into place only when every
 check has passed, so a failed demo leaves no ``out_dir`` that could pass for a result (and an
-earlier successful one stays as it was).
+earlier successful one stays as it was). An existing ``out_dir`` the demo did not write is refused
+unless ``overwrite``; files of the user's in it are kept.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from .data import builtin_text
 from .training import TrainSpec, read_texts, run_training
-from .utils import atomic_write_dir
+from .utils import claim_output_dir
 
 
 @torch.no_grad()
@@ -42,9 +43,11 @@ def run_demo(
     vocab_size: int = 2048,
     prompt: str = "Shall I compare thee",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
+    output = claim_output_dir(out_dir, "demo", overwrite=overwrite)
     texts = read_texts(text_files) if text_files else [builtin_text()]
-    final = Path(out_dir).resolve()
+    final = output.path
     summary: dict = {}
 
     def build(tmp: Path) -> None:
@@ -106,6 +109,6 @@ def run_demo(
         )
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    atomic_write_dir(final, build)
+    output.write(build)
     print(f"Wrote {final}: model/, loss_curve.png, summary.json")
     return summary

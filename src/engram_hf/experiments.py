@@ -21,7 +21,7 @@ from .models.engram_moe import EngramMoEConfig, EngramMoEForCausalLM
 from .presets import PRESETS
 from .training import TrainSpec, read_texts, run_training
 from .training.run import prepare_tokenizer, tokenizer_fields
-from .utils import atomic_write_file
+from .utils import atomic_write_file, claim_output_dir
 
 # Shared backbone of every run: the "tiny" preset (minutes on two CPU cores), with the expert count,
 # the Engram layers and their table sizes set per experiment.
@@ -36,17 +36,7 @@ ENGRAM_LAYERS = [1]
 def count_params(config: EngramMoEConfig) -> dict:
     """Total and per-token activated parameters, counted on the meta device."""
     with torch.device("meta"):
-        model = EngramMoEForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())
-    tables = model.engram_table_parameters()
-    experts = sum(
-        sum(p.numel() for p in layer.mlp.experts.parameters()) for layer in model.model.layers if layer.is_moe
-    )
-    active_experts = experts * config.num_experts_per_tok // config.n_routed_experts
-    # A token reads one row per (order, head) of each table: n_embed * (N-1) values per Engram layer.
-    active_rows = len(config.engram_layer_ids) * config.engram_embed_dim
-    activated = total - tables - experts + active_experts + active_rows
-    return {"total": total, "tables": tables, "routed_experts": experts, "activated": activated}
+        return EngramMoEForCausalLM(config).parameter_counts()
 
 
 def iso_configs(**token_fields) -> tuple[EngramMoEConfig, EngramMoEConfig]:
@@ -222,8 +212,11 @@ def run_experiments(
     quick: bool = False,
     tokenizer: str | None = None,
     vocab_size: int = 4096,
+    overwrite: bool = False,
 ) -> dict:
+    output = claim_output_dir(out_dir, "experiment", overwrite=overwrite)
     texts = read_texts(data)
+    output.mark()
     out = Path(out_dir)
     spec = TrainSpec(
         out_dir=str(out),
@@ -235,6 +228,7 @@ def run_experiments(
         learning_rate=3e-3,
         eval_fraction=0.0,
         progress=not quick,
+        overwrite=overwrite,
     )
     results = {}
     if which in ("iso", "mask", "all"):

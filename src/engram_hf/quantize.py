@@ -19,7 +19,7 @@ import torch
 
 from .offload.safetensors_io import index_tables, write_streamed
 from .ops.fp8_rows import BLOCK, check_width, decode_rows, encode_rows
-from .utils import atomic_write_dir, clone_file, keep_non_model_files
+from .utils import OutputDir, claim_output_dir, clone_file, keep_non_model_files
 
 
 class _Encoded:
@@ -70,25 +70,21 @@ class _Part:
         return t.weight if self.which == "weight" else t.scale
 
 
-def _check_out(src: Path, out: Path) -> None:
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-        raise ValueError(f"--out {out} is the source checkpoint or inside it; quantize writes a new directory.")
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; quantize writes a new directory (choose another --out).")
-
-
-def quantize_checkpoint(src, out, progress: bool = True) -> dict:
+def quantize_checkpoint(src, out, progress: bool = True, overwrite: bool = False) -> dict:
     """Write ``out``: the EngramMoE checkpoint or Engram adapter directory ``src`` with FP8 tables.
-    Returns the report (per table: bytes before and after, relative RMS error, max absolute error)."""
+    Returns the report (per table: bytes before and after, relative RMS error, max absolute error).
+
+    ``out`` may not be ``src`` or inside it; an existing directory this command did not write needs
+    ``overwrite`` (``utils.claim_output_dir``)."""
     from .attach.io import CONFIG_FILE as ADAPTER_CONFIG
 
-    src, out = Path(src).expanduser(), Path(out).expanduser()
+    src = Path(src).expanduser()
     if not src.is_dir():
         raise FileNotFoundError(f"The checkpoint directory {src} does not exist.")
-    _check_out(src, out)
+    output = claim_output_dir(out, "quantize", overwrite=overwrite, inputs=(src,), carry=keep_non_model_files)
     if (src / ADAPTER_CONFIG).is_file() and not (src / "config.json").is_file():
-        return _quantize_adapter(src, out, progress)
-    return _quantize_model(src, out, progress)
+        return _quantize_adapter(src, output, progress)
+    return _quantize_model(src, output, progress)
 
 
 def _copy_others(src: Path, tmp: Path, skip: set[str]) -> None:
@@ -99,7 +95,7 @@ def _copy_others(src: Path, tmp: Path, skip: set[str]) -> None:
             clone_file(entry, tmp / entry.name)
 
 
-def _quantize_model(src: Path, out: Path, progress: bool) -> dict:
+def _quantize_model(src: Path, output: OutputDir, progress: bool) -> dict:
     from transformers import PreTrainedModel
 
     from .models.engram_moe import EngramMoEForCausalLM
@@ -126,7 +122,7 @@ def _quantize_model(src: Path, out: Path, progress: bool) -> dict:
         index_tables(tmp, files)
         _copy_others(src, tmp, set())
 
-    atomic_write_dir(out, write)
+    out = output.write(write)
     by_layer = {int(k.split(".layers.")[1].split(".")[0]): e for k, e in encoded.items()}
     return {
         "source": str(src),
@@ -135,7 +131,7 @@ def _quantize_model(src: Path, out: Path, progress: bool) -> dict:
     }
 
 
-def _quantize_adapter(src: Path, out: Path, progress: bool) -> dict:
+def _quantize_adapter(src: Path, output: OutputDir, progress: bool) -> dict:
     from safetensors import safe_open
 
     from .attach.io import CONFIG_FILE, WEIGHTS_FILE, _read_adapter_config
@@ -168,7 +164,7 @@ def _quantize_adapter(src: Path, out: Path, progress: bool) -> dict:
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         _copy_others(src, tmp, {WEIGHTS_FILE, CONFIG_FILE})
 
-    atomic_write_dir(out, write)
+    out = output.write(write)
     return {
         "source": str(src),
         "out": str(out),

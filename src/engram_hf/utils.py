@@ -3,6 +3,10 @@ crash at any point leaves either the previous version or the new one, never a mi
 
 Written files and directories get the permissions the user's umask gives ordinary files (not the
 0600/0700 of ``tempfile``), so colleagues on a shared machine can read what was saved.
+
+The commands' outputs (``claim_output_dir``, ``claim_output_file``) never replace what the command
+did not write: a directory a command writes carries a marker naming the command, and only a later
+run of the same command replaces it without ``overwrite``.
 """
 
 from __future__ import annotations
@@ -11,11 +15,13 @@ import ctypes
 import errno
 import fcntl
 import fnmatch
+import json
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 _TMP, _OLD = "tmp", "old"
@@ -36,6 +42,17 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """A JSON file's content, with errors that name the file: missing, or not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No {what} at {path}.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON (corrupt file?): {e}") from None
 
 
 def temp_sibling(target: Path, kind: str = "tmp") -> Path:
@@ -255,3 +272,171 @@ def atomic_save_pretrained(save: Callable[[Path], None], save_directory: str | o
     """``save(tmp)`` (a transformers ``save_pretrained``) made atomic; other files in the directory
     (a tokenizer, a model card) are kept."""
     return atomic_write_dir(save_directory, save, keep_existing=keep_non_model_files)
+
+
+# ----------------------------------------------------------------------------- command outputs
+OUTPUT_MARKER = ".engram-hf-output.json"
+
+
+class OutputExistsError(FileExistsError):
+    """A command's output path holds something the command may not replace."""
+
+
+def _resolved(path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _check_not_an_input(path: Path, shown, command: str, inputs: Iterable, option: str) -> None:
+    """Refuse an output that is, lies inside or holds something the command reads."""
+    for given in inputs:
+        source = _resolved(given)
+        if path == source or source in path.parents:
+            where = "is" if path == source else "lies inside"
+            raise OutputExistsError(
+                f"{option} {shown} {where} {given}, which engram-hf {command} reads: choose a path outside it."
+            )
+        if path in source.parents:
+            raise OutputExistsError(
+                f"{option} {shown} holds {given}, which engram-hf {command} reads: choose another path."
+            )
+
+
+def read_output_marker(directory) -> dict | None:
+    """The marker of a directory a command wrote (``command``, ``source``, ``entries``), or None."""
+    try:
+        marker = json.loads((Path(directory) / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    """A directory ``claim_output_dir`` lets ``command`` write. ``own``: the entries an earlier run of
+    the same command wrote there, which a new run replaces; every other entry is the user's and is
+    kept (``carry``, when given, narrows what of it a replacement carries over)."""
+
+    path: Path
+    command: str
+    source: str | None = None
+    own: frozenset[str] = frozenset()
+    carry: Callable[[str], bool] | None = None
+
+    def keeps(self, relpath: str) -> bool:
+        """Whether an entry of the previous directory (path relative to it) survives a replacement."""
+        top = Path(relpath).parts[0]
+        return top != OUTPUT_MARKER and top not in self.own and (self.carry is None or self.carry(relpath))
+
+    def mark(self, directory: str | os.PathLike | None = None, entries: Iterable[str] | None = None) -> None:
+        """Write the marker into ``directory`` (default: the output itself), naming the command, its
+        source and ``entries``: what a later run may replace whole (None: nothing, for commands that
+        write into the directory in place)."""
+        directory = Path(directory) if directory is not None else self.path
+        directory.mkdir(parents=True, exist_ok=True)
+        marker = {"command": self.command}
+        if self.source is not None:
+            marker["source"] = self.source
+        if entries is not None:
+            marker["entries"] = sorted(entries)
+        text = json.dumps(marker, indent=1)
+        atomic_write_file(directory / OUTPUT_MARKER, lambda p: p.write_text(text, encoding="utf-8"))
+
+    def write(self, write: Callable[[Path], None]) -> Path:
+        """``atomic_write_dir``: ``write(tmp)`` fills a temp directory, which is marked and swapped in;
+        the user's entries of the previous directory are carried over."""
+
+        def fill(tmp: Path) -> None:
+            write(tmp)
+            self.mark(tmp, [p.name for p in tmp.iterdir() if p.name != OUTPUT_MARKER])
+
+        return atomic_write_dir(self.path, fill, keep_existing=self.keeps)
+
+
+def _refused(root: Path, keep: Callable[[str], bool], rel: str = "") -> list[str]:
+    """Entries under ``root`` that ``keep`` refuses (a refused folder counts once), as ``_carry_over`` sees them."""
+    out = []
+    for entry in sorted(root.iterdir()):
+        name = f"{rel}{entry.name}"
+        if not keep(name):
+            out.append(name)
+        elif entry.is_dir() and not entry.is_symlink():
+            out.extend(_refused(entry, keep, f"{name}/"))
+    return out
+
+
+def claim_output_dir(
+    target: str | os.PathLike,
+    command: str,
+    *,
+    overwrite: bool = False,
+    source: str | None = None,
+    inputs: Iterable = (),
+    carry: Callable[[str], bool] | None = None,
+    option: str = "--out",
+) -> OutputDir:
+    """Check, before any work, that ``command`` may write the directory ``target``; raise
+    ``OutputExistsError`` saying why not.
+
+    Never: ``target`` is, lies inside or holds one of ``inputs`` (what the command reads), or is a
+    file. An existing directory is the command's to replace when it is empty or an earlier run of the
+    same command wrote it (its marker says so; from the same ``source`` when one is given); anything
+    else needs ``overwrite``. Either way only what the earlier run wrote is replaced: the user's own
+    entries are kept, and where ``carry`` refuses some (a checkpoint cannot keep stray weights or
+    code beside new ones), dropping them needs ``overwrite`` too.
+    """
+    path = _resolved(target)
+    _check_not_an_input(path, target, command, inputs, option)
+    if not path.exists():
+        return OutputDir(path, command, source, frozenset(), carry)
+    if not path.is_dir():
+        raise OutputExistsError(
+            f"{option} {target} is a file, and engram-hf {command} writes a directory: choose another path "
+            "(the file is left as it is)."
+        )
+    marker = read_output_marker(path)
+    ours = marker is not None and marker.get("command") == command
+    own = frozenset(marker.get("entries") or ()) if ours else frozenset()
+    out = OutputDir(path, command, source, own, carry)
+    entries = sorted(p.name for p in path.iterdir() if p.name != OUTPUT_MARKER)
+    if overwrite or not entries:
+        return out
+    if not ours:
+        writer = f" (engram-hf {marker['command']} wrote them)" if marker and marker.get("command") else ""
+        raise OutputExistsError(
+            f"{option} {target} already holds {_listing(entries)}{writer}: choose a new directory, or pass "
+            f"--overwrite to let engram-hf {command} replace what it writes there (other files are kept)."
+        )
+    if source is not None and marker.get("source") != source:
+        raise OutputExistsError(
+            f"{option} {target} holds the output of engram-hf {command} for {marker.get('source')}, not for "
+            f"{source}: choose another directory, or pass --overwrite to replace it."
+        )
+    if carry is not None:
+        dropped = [rel for rel in _refused(path, carry) if Path(rel).parts[0] not in own | {OUTPUT_MARKER}]
+        if dropped:
+            raise OutputExistsError(
+                f"{option} {target} holds {_listing(dropped)}, which engram-hf {command} did not write and "
+                "cannot keep beside its output: move it elsewhere, or pass --overwrite to drop it."
+            )
+    return out
+
+
+def claim_output_file(
+    target: str | os.PathLike, command: str, *, overwrite: bool = False, inputs: Iterable = (), option: str = "--out"
+) -> Path:
+    """Check, before any work, that ``command`` may write the file ``target``: never a directory or
+    one of ``inputs`` (or a path inside one); an existing file only with ``overwrite``."""
+    path = _resolved(target)
+    _check_not_an_input(path, target, command, inputs, option)
+    if path.is_dir():
+        raise OutputExistsError(f"{option} {target} is a directory: engram-hf {command} writes a file there.")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{option} {target} already exists: choose a new name, or pass --overwrite to replace it."
+        )
+    return path

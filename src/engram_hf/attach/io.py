@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from ..offload.loading import TableInfo, check_table_memory, is_local_name, open_store
 from ..offload.stores import safetensors_header
 from ..offload.tiers import check_cache_rows, check_tier
-from ..utils import atomic_save_pretrained, atomic_write_dir
+from ..utils import atomic_save_pretrained, atomic_write_dir, read_json
 from .adapter import EngramAdapter, place_adapter
 from .backbone import ATTR, Backbone
 from .spec import ADAPTER_FORMAT, ADAPTER_FORMAT_VERSION, EngramSpec
@@ -108,14 +108,31 @@ def _check_saveable(adapter: EngramAdapter, name: str) -> None:
         )
 
 
+def adapter_card(adapter: EngramAdapter, backbone: Backbone, path, info: dict) -> str:
+    """The model card of an adapter (or of a merged checkpoint, ``info["merged"]``) on ``backbone``."""
+    from ..model_card import render_adapter_card
+    from .attachment import attachment_of
+
+    base = _base_identity(backbone)
+    attachment = attachment_of(backbone.model)
+    engram = {id(p) for p in attachment.parameters()} if attachment is not None else set()
+    base_params = sum(p.numel() for p in backbone.model.parameters() if id(p) not in engram)
+    name = base["name_or_path"] or base["architecture"]
+    return render_adapter_card(adapter, name, base["architecture"], base_params, path=str(path), info=info)
+
+
 def save_adapter(adapter: EngramAdapter, name: str, backbone: Backbone, save_directory) -> Path:
+    from ..model_card import CARD_FILE, read_card_info, write_card
+
     _check_saveable(adapter, name)
     meta = adapter_metadata(adapter, name, backbone)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    target = Path(save_directory)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "engram_adapter": name})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_card(tmp, adapter_card(adapter, backbone, target, read_card_info(target)), previous=target / CARD_FILE)
 
     return atomic_write_dir(save_directory, write)
 
@@ -219,10 +236,7 @@ def _read_adapter_config(path: Path) -> dict:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not an Engram adapter directory (no {CONFIG_FILE}).")
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file} is not valid JSON (corrupt file?): {e}") from None
+    meta = read_json(file)
     if meta.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{file} is not an engram-hf adapter config (format {meta.get('format')!r}).")
     if meta.get("format_version", 0) > ADAPTER_FORMAT_VERSION:
@@ -324,9 +338,11 @@ def merged_save_pretrained(model, save_directory, *args, attachment, **kwargs):
         raise ValueError("Save the Engram-attached model locally, then upload the folder (push_to_hub is not atomic).")
     if not kwargs.get("is_main_process", True):
         return None
+    from ..model_card import CARD_FILE, read_card_info, write_card
     from .config import EngramAttachedConfig
 
     engram = merged_engram_section(attachment)
+    target = Path(save_directory)
 
     def write(tmp: Path) -> None:
         base_save(model, tmp, *args, **kwargs)
@@ -334,6 +350,10 @@ def merged_save_pretrained(model, save_directory, *args, attachment, **kwargs):
         base_config = json.loads(config_file.read_text(encoding="utf-8"))
         merged = EngramAttachedConfig(base_config=base_config, engram=engram)
         merged.to_json_file(str(config_file))
+        if attachment.active_adapter is not None:
+            info = {**read_card_info(target), "merged": True}
+            card = adapter_card(attachment.adapter(), attachment.backbone, target, info)
+            write_card(tmp, card, previous=target / CARD_FILE)
 
     return atomic_save_pretrained(write, save_directory)
 

@@ -52,7 +52,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -88,23 +88,38 @@ class EditRequest:
     written as a CounterFact template (``"{} is a citizen of"``) has the subject filled in.
     ``relation``: the relation's name (CounterFact's ``relation_id``): an editor given ``templates``
     for it optimises the subject's rows under those phrasings too.
+
+    The fields after ``target`` are keyword-only: given by position, a subject would be read as
+    paraphrases (letter by letter). Every field's type is checked.
     """
 
     prompt: str
     target: str
+    _: KW_ONLY
     paraphrases: list[str] = field(default_factory=list)
     locality: list[str] = field(default_factory=list)
     true_target: str | None = None
     subject: str | None = None
     relation: str | None = None
 
-    def __post_init__(self):
-        if isinstance(self.subject, str):
-            fill = lambda t: t.replace("{}", self.subject) if isinstance(t, str) else t
-            self.prompt = fill(self.prompt)
-            self.paraphrases = [fill(p) for p in self.paraphrases]
-
     FIELDS = ("prompt", "target", "paraphrases", "locality", "true_target", "subject", "relation")
+
+    def __post_init__(self):
+        for name in ("prompt", "target"):
+            if not isinstance(getattr(self, name), str):
+                raise EditInputError(f"An edit request's {name} must be a string, got {getattr(self, name)!r}.")
+        for name in ("paraphrases", "locality"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise EditInputError(f"An edit request's {name} must be a list of strings, got {value!r}.")
+            setattr(self, name, list(value))
+        for name in ("true_target", "subject", "relation"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise EditInputError(f"An edit request's {name} must be a string or None, got {value!r}.")
+        if self.subject is not None:
+            self.prompt = self.prompt.replace("{}", self.subject)
+            self.paraphrases = [p.replace("{}", self.subject) for p in self.paraphrases]
 
     @classmethod
     def coerce(cls, x) -> EditRequest:

@@ -276,7 +276,11 @@ class Location:
                 lines.append(f"  layer {layer}  gate per branch: {gates}")
                 for h in (h for h in p.rows if h.layer == layer):
                     gram = " ".join(repr(t) for t in h.ngram)
-                    line = f"    {h.order}-gram {gram:<40} head {h.head} row {h.index:>7}  |v| {h.value_norm:.3f}"
+                    # The global row id, as edit and patches name rows; the head's own index beside it.
+                    line = (
+                        f"    {h.order}-gram {gram:<40} row {h.row:>8} (head {h.head} index {h.index})"
+                        f"  |v| {h.value_norm:.3f}"
+                    )
                     if h.corpus_same is not None:
                         line += f"  corpus: {h.corpus_same} same, {h.corpus_collisions} collisions"
                     lines.append(line)

@@ -29,7 +29,7 @@ import torch
 from ..memory.fp8_table import Fp8Table
 from ..offload.stores import SAFETENSORS_DTYPES
 from ..ops.fp8_rows import BLOCK as FP8_BLOCK
-from ..utils import atomic_write_dir, atomic_write_file, clone_file
+from ..utils import atomic_write_file, claim_output_dir, clone_file, keep_non_model_files
 from .rows import RowSet, engram_model
 
 PATCH_FORMAT = "engram-hf-patch"
@@ -465,7 +465,11 @@ def _contract_diff(patch: dict, model: dict) -> str:
 
 # ---------------------------------------------------------------------------- checkpoints on disk
 def apply_to_checkpoint(
-    patch: EngramPatch, checkpoint: str | os.PathLike, out_dir: str | os.PathLike, revert: bool = False
+    patch: EngramPatch,
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    revert: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write a copy of ``checkpoint`` with ``patch`` applied (or reverted) to ``out_dir``, atomically.
 
@@ -475,6 +479,10 @@ def apply_to_checkpoint(
     with copy-on-write clones (btrfs, XFS; no time or space until one side is written), a full copy
     elsewhere. The copy shares nothing a write can reach: the source checkpoint is never modified,
     neither now nor by later writes into the copy.
+
+    ``out_dir`` is refused if it is (or holds, or lies inside) the checkpoint, and, unless
+    ``overwrite``, if it holds anything an earlier run of the same command did not write (see
+    ``claim_output_dir``); files of the user's that a checkpoint can hold are kept.
     """
     from ..deepseek_v41 import V41Checkpoint, is_v41_checkpoint, load_engram_v41
     from ..offload.loading import checkpoint_tables
@@ -483,6 +491,13 @@ def apply_to_checkpoint(
     src = Path(checkpoint)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a local checkpoint directory.")
+    output = claim_output_dir(
+        out_dir,
+        f"patch {'revert' if revert else 'apply'}",
+        overwrite=overwrite,
+        inputs=(src,),
+        carry=keep_non_model_files,
+    )
 
     def open_model(path: Path):
         """The checkpoint's Engram with its tables memory-mapped (never loaded), and where they are."""
@@ -551,7 +566,7 @@ def apply_to_checkpoint(
                 # reach the source.
                 clone_file(entry, dest)
 
-    out = atomic_write_dir(out_dir, write)
+    out = output.write(write)
     check, _ = open_model(out)
     differ, total, dense = patch._differing(check, values, dense_values)
     if differ or dense:

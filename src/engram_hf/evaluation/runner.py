@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import data, mmlu, ruler, suite
-from .report import compare_table, retained_by_task, table, update_card
+from .report import compare_table, plot_compare, retained_by_task, table, update_card
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class EvalSpec:
     log_samples: bool = False
     include_path: list[str] = field(default_factory=list)
     seed: int = 0
+    overwrite: bool = False  # replace an out directory that holds other results or files
 
 
 @dataclass
@@ -62,8 +63,22 @@ class Plan:
     notes: list[str]
 
 
+def quiet_logs(verbose: bool = False) -> None:
+    """engram-hf's and lm-eval's logs at INFO (``verbose``) or WARNING, without lm-eval's per-task note
+    on passing metadata (all our tasks read a ``custom_dataset``: noise here)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("engram_hf", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    task_log = logging.getLogger("lm_eval.api.task")
+    if not any(getattr(f, "_engram_hf", False) for f in task_log.filters):
+        note = logging.Filter()
+        note.filter = lambda r: "Custom kwargs can be passed" not in r.getMessage()
+        note._engram_hf = True
+        task_log.addFilter(note)
+
+
 def _family(name: str) -> str:
-    for family in ("mmlu", "bbh", "humaneval", "minerva_math"):
+    for family in ("mmlu", "bbh", "humaneval", "minerva_math", "facts"):
         if name.startswith(f"{suite.PREFIX}{family}"):
             return family
     return "ruler"
@@ -77,6 +92,12 @@ def plan(spec: EvalSpec) -> Plan:
         raise ValueError("Give at least one task (--tasks), e.g. mmlu, bbh, humaneval, minerva_math500, ruler.")
     if spec.limit is not None and spec.limit <= 0:
         raise ValueError(f"--limit must be positive, got {spec.limit}.")
+    if spec.num_fewshot is not None and (not isinstance(spec.num_fewshot, int) or spec.num_fewshot < 0):
+        raise ValueError(f"--num-fewshot must be an integer >= 0, got {spec.num_fewshot!r}.")
+    if spec.batch_size != "auto" and (not isinstance(spec.batch_size, int) or spec.batch_size < 1):
+        raise ValueError(f"--batch-size must be a positive integer or 'auto', got {spec.batch_size!r}.")
+    if spec.ruler_samples is not None and (not isinstance(spec.ruler_samples, int) or spec.ruler_samples < 1):
+        raise ValueError(f"--ruler-samples must be a positive integer, got {spec.ruler_samples!r}.")
     if importlib.util.find_spec("lm_eval") is None:
         raise ModuleNotFoundError("engram-hf eval runs lm-eval: pip install 'engram-hf[eval]'.")
     catalog = suite.catalog()
@@ -152,6 +173,8 @@ def metadata(spec: EvalSpec) -> dict:
         md["max_seq_lengths"] = list(spec.max_seq_lengths)
     if spec.ruler_samples:
         md["ruler_samples"] = int(spec.ruler_samples)
+    if spec.limit is not None and spec.limit >= 1:
+        md["ruler_limit"] = int(spec.limit)  # lm-eval reads the first int(limit) documents of each task
     return md
 
 
@@ -207,20 +230,32 @@ def _serializable(out: dict) -> str:
     return json.dumps(out, indent=2, default=handle_non_serializable, ensure_ascii=False)
 
 
+def model_source(spec: EvalSpec) -> str:
+    """The checkpoint evaluated, as the output's marker records it: its resolved path (a hub id as given)."""
+    path = Path(str(spec.model)).expanduser()
+    return str(path.resolve()) if path.exists() else str(spec.model)
+
+
 def default_out(spec: EvalSpec) -> Path:
-    name = Path(str(spec.model).rstrip("/")).name or "model"
-    return Path("runs") / "eval" / name
+    """``runs/eval/<parent>-<name>``: the checkpoint's folder name alone collides (a training run's is
+    always ``model``); results of another checkpoint that land on the same name are refused."""
+    path = Path(model_source(spec))
+    name = "-".join(part for part in (path.parent.name, path.name) if part)
+    return Path("runs") / "eval" / (name or "model")
 
 
 def run_eval(spec: EvalSpec, progress=print) -> dict:
-    """Run ``spec``; write ``results.json`` (and ``results_masked.json`` with ``compare_mask``), the
-    samples when asked, and ``results.md`` into ``spec.out``; return a summary."""
+    """Run ``spec``; write ``results.json`` (and, with ``compare_mask``, ``results_masked.json`` and
+    ``masked_vs_unmasked.png``), the samples when asked, and ``results.md`` into ``spec.out``;
+    return a summary."""
     import lm_eval
 
-    from ..utils import atomic_write_dir
+    from ..utils import claim_output_dir
 
     the_plan = plan(spec)
     out_dir = Path(spec.out) if spec.out else default_out(spec)
+    inputs = [spec.model] if Path(str(spec.model)).expanduser().exists() else []
+    output = claim_output_dir(out_dir, "eval", overwrite=spec.overwrite, source=model_source(spec), inputs=inputs)
     root, how = data.resolve_data_dir(spec.data_dir)
     progress(f"tasks: {', '.join(the_plan.tasks)} ({len(the_plan.leaves) or '?'} task(s)); data: {root} ({how})")
     for note in the_plan.notes:
@@ -275,8 +310,10 @@ def run_eval(spec: EvalSpec, progress=print) -> dict:
                         for item in items:
                             f.write(json.dumps(item, default=str, ensure_ascii=False) + "\n")
         (tmp / "results.md").write_text(markdown, encoding="utf-8")
+        if spec.compare_mask:
+            plot_compare(outputs[False], outputs[True], the_plan.tasks, tmp / "masked_vs_unmasked.png")
 
-    atomic_write_dir(out_dir, write)
+    output.write(write)
     progress(f"results: {out_dir / 'results.md'}")
     card = None
     if spec.update_card:

@@ -236,6 +236,25 @@ def _minerva():
     return {"minerva_math/_minerva_template_yaml": template}, files, entries
 
 
+def _facts():
+    name = f"{PREFIX}facts"
+    config = {
+        "task": name,
+        "dataset_path": "",
+        "custom_dataset": _fn("facts_dataset"),
+        "output_type": "multiple_choice",
+        "test_split": "test",
+        "doc_to_text": "{{prompt}}",
+        "doc_to_choice": "choices",
+        "doc_to_target": "answer",
+        "target_delimiter": "",
+        "num_fewshot": 0,
+        "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0},
+    }
+    return {}, {"facts/facts.yaml": config}, {name: Entry(name, data=(data.FACTS,))}
+
+
 def ruler_task_name(task: str) -> str:
     return f"{PREFIX}{task}" if task.startswith("niah") else f"{PREFIX}ruler_{task}"
 
@@ -288,6 +307,7 @@ def _ruler():
 
 
 UTILS = {
+    "facts": "from engram_hf.evaluation.facts import dataset as facts_dataset\n",
     "mmlu": "from engram_hf.evaluation.mmlu import dataset as mmlu_dataset\n",
     "bbh/cot_fewshot": "from engram_hf.evaluation.bbh import cot_filter as bbh_cot_filter\n"
     "from engram_hf.evaluation.bbh import dataset as bbh_dataset\n",
@@ -320,7 +340,7 @@ def definitions(bbh_prompts: dict | None = None):
     """``(templates, task files, entries)`` of the whole suite; BBH files need the official prompts."""
     templates, files, entries = {}, {}, {}
     parts = [_mmlu(0), _mmlu(5), _bbh(bbh_prompts, cot=True), _bbh(bbh_prompts, cot=False)]
-    parts += [_humaneval(), _minerva(), _ruler()]
+    parts += [_humaneval(), _minerva(), _ruler(), _facts()]
     for t, f, e in parts:
         templates |= t
         files |= f

@@ -19,9 +19,10 @@ from ..attach import EngramSpec, attach_engram
 from ..attach.training import EngramCheckpointCallback, add_lora
 from ..optim import build_optimizer
 from ..utils import atomic_write_dir, atomic_write_file
-from .arguments import training_arguments
+from .arguments import max_eval_blocks, training_arguments
 from .data import train_and_eval_sets
-from .plots import plot_loss_curve
+from .plots import plot_loss_curve, with_held_out
+from .run import claim_out_dir
 
 
 def check_base_spec(spec) -> EngramSpec:
@@ -44,6 +45,7 @@ def run_attach_training(spec, texts: list[str], eval_texts: list[str] | None = N
     from .tokenizer import load_tokenizer
 
     engram_spec = check_base_spec(spec)
+    claim_out_dir(spec).mark()
     out = Path(spec.out_dir)
     set_seed(spec.seed)
     tokenizer = load_tokenizer(spec.tokenizer or spec.base)
@@ -54,7 +56,9 @@ def run_attach_training(spec, texts: list[str], eval_texts: list[str] | None = N
     model = AutoModelForCausalLM.from_pretrained(spec.base)
     attach_engram(model, engram_spec, tokenizer, freeze_base=not spec.train_base)
     base_model = model
-    train_set, eval_set = train_and_eval_sets(tokenizer, texts, eval_texts, spec.block_size, spec.eval_fraction)
+    train_set, eval_set = train_and_eval_sets(
+        tokenizer, texts, eval_texts, spec.block_size, spec.eval_fraction, max_eval_blocks(spec)
+    )
     callbacks = []
     if spec.lora_r:
         targets = list(spec.lora_targets) if spec.lora_targets else "all-linear"
@@ -96,9 +100,7 @@ def run_attach_training(spec, texts: list[str], eval_texts: list[str] | None = N
         atomic_write_dir(out / "model", save_merged)
         saved["merged_model"] = str(shown / "model")
 
-    history = trainer.state.log_history
-    if eval_before is not None:
-        history = [{"step": 0, "eval_loss": eval_before}, *history]
+    history = with_held_out(trainer.state.log_history, eval_before, eval_after, trainer.state.global_step)
     plot = plot_loss_curve(history, out / "loss_curve.png", title=f"Engram on {Path(spec.base).name}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary = {

@@ -40,22 +40,27 @@ def pack_texts(tokenizer, texts: Iterable[str], block_size: int) -> PackedBlocks
     return PackedBlocks(torch.tensor(ids, dtype=torch.long), block_size)
 
 
-def train_and_eval_sets(tokenizer, texts, eval_texts, block_size: int, eval_fraction: float):
+def train_and_eval_sets(
+    tokenizer, texts, eval_texts, block_size: int, eval_fraction: float, max_eval_blocks: int | None = None
+):
     """(train, eval) blocks: ``eval_texts`` packed apart if given, else the first ``eval_fraction``
-    of the packed ``texts`` held out (``None`` when that is 0)."""
+    of the packed ``texts``, at most ``max_eval_blocks`` of them, held out (``None`` when that is 0)."""
     data = pack_texts(tokenizer, texts, block_size)
     if eval_texts is not None:
         return data, pack_texts(tokenizer, eval_texts, block_size)
     n_eval = max(1, int(len(data) * eval_fraction)) if eval_fraction > 0 else 0
+    if max_eval_blocks is not None:
+        n_eval = min(n_eval, max_eval_blocks)
     if len(data) - n_eval < 1:
         raise ValueError(f"Only {len(data)} blocks of {block_size} tokens: not enough text to train on.")
     eval_set = torch.utils.data.Subset(data, range(n_eval)) if n_eval else None
     return torch.utils.data.Subset(data, range(n_eval, len(data))), eval_set
 
 
-def read_texts(paths: Iterable[str | Path], text_field: str = "text") -> list[str]:
-    """Documents from ``.txt`` files (one document each), ``.jsonl`` files (``text_field`` of each
-    line) and directories of those (recursively, in name order)."""
+def read_texts(paths: Iterable[str | Path], text_field: str = "text", txt_lines: bool = False) -> list[str]:
+    """Documents from ``.txt`` files (one document each, or with ``txt_lines`` one per non-empty
+    line), ``.jsonl`` files (``text_field`` of each line) and directories of those (recursively, in
+    name order)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -73,6 +78,8 @@ def read_texts(paths: Iterable[str | Path], text_field: str = "text") -> list[st
                     if text_field not in row:
                         raise KeyError(f"{f}:{n} has no field {text_field!r}.")
                     texts.append(row[text_field])
+        elif f.suffix == ".txt" and txt_lines:
+            texts.extend(line for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
         elif f.suffix == ".txt":
             texts.append(f.read_text(encoding="utf-8"))
         else:

@@ -7,6 +7,16 @@ from pathlib import Path
 from ..utils import atomic_write_file
 
 
+def with_held_out(log_history: list[dict], before: float | None, after: float | None, step: int) -> list[dict]:
+    """A Trainer log history with the held-out loss measured before (step 0) and after (``step``)
+    training, where the history lacks them (short runs evaluate only then)."""
+    if before is None:
+        return log_history
+    evals = [h["step"] for h in log_history if "eval_loss" in h]
+    tail = [{"step": step, "eval_loss": after}] if after is not None and step not in evals else []
+    return [{"step": 0, "eval_loss": before}, *log_history, *tail]
+
+
 def plot_loss_curve(log_history: list[dict], path: str | Path, title: str = "training loss") -> Path | None:
     """Write a PNG of ``loss`` (and ``eval_loss`` if logged) against step from a Trainer log history.
 

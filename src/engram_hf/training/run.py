@@ -12,16 +12,16 @@ from pathlib import Path
 from transformers import default_data_collator, set_seed
 
 from ..memory import build_compression_table, compressed_vocab_size
-from ..model_card import render_model_card
+from ..model_card import read_card_info, record_card_info, render_model_card, write_card
 from ..models.engram_moe import EngramMoEConfig, EngramMoEForCausalLM
 from ..offload.create import save_new_checkpoint
 from ..offload.tiers import check_cache_rows, check_tier
 from ..optim import build_optimizer
 from ..presets import PRESETS, preset_config
-from ..utils import atomic_write_dir, atomic_write_file
-from .arguments import training_arguments
+from ..utils import atomic_write_dir, atomic_write_file, claim_output_dir
+from .arguments import max_eval_blocks, training_arguments
 from .data import train_and_eval_sets
-from .plots import plot_loss_curve
+from .plots import plot_loss_curve, with_held_out
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 from .trainer import EngramTrainer
 
@@ -60,6 +60,7 @@ class TrainSpec:
     init_from: str | None = None  # an EngramMoE checkpoint to continue training (else a new model)
     engram_offload: str | None = None  # None | "cpu" | "disk": where the tables live while training
     engram_cache_rows: int = 0  # hot-row cache per offloaded table
+    overwrite: bool = False  # write into an out_dir that holds files a training run did not write
 
 
 # Keys a saved config.json carries besides EngramMoEConfig's own fields; accepted in --config files.
@@ -91,8 +92,15 @@ def _check_fields(fields: dict, where: str, allowed_extra: set[str] = frozenset(
         raise ValueError(f"{where} sets unknown config field(s) {unknown}; EngramMoEConfig takes: {known}.")
 
 
+def claim_out_dir(spec: TrainSpec):
+    """``out_dir`` as the run's own (``claim_output_dir``): a training run writes into it in place,
+    beside what an earlier run left there (its checkpoints, for ``resume_from``)."""
+    return claim_output_dir(spec.out_dir, "train", overwrite=spec.overwrite)
+
+
 def check_spec(spec: TrainSpec) -> None:
     """Checks that need no data: run first, so a typo fails before tokenizer training starts."""
+    claim_out_dir(spec)
     if spec.base:
         from .attach_run import check_base_spec
 
@@ -109,6 +117,8 @@ def check_spec(spec: TrainSpec) -> None:
     check_cache_rows(spec.engram_cache_rows, spec.engram_offload)
     if spec.init_from is not None and not (Path(spec.init_from) / "config.json").is_file():
         raise FileNotFoundError(f"--init-from {spec.init_from} is not a checkpoint directory (no config.json).")
+    if spec.resume_from is not None and not Path(spec.resume_from).is_dir():
+        raise FileNotFoundError(f"--resume {spec.resume_from} is not a checkpoint directory.")
     if spec.engram_offload and spec.table_optimizer == "dense":
         raise ValueError("Offloaded tables train with a row-wise table optimizer (adagrad or adam), not 'dense'.")
 
@@ -132,8 +142,18 @@ def load_model_config(spec: TrainSpec, _check_only: bool = False, **token_fields
 
 
 def prepare_tokenizer(spec: TrainSpec, texts: list[str]):
+    """``spec.tokenizer``; else the tokenizer of the run resumed or continued; else a BPE trained on ``texts``."""
     if spec.tokenizer:
         tokenizer = load_tokenizer(spec.tokenizer)
+    elif spec.resume_from:
+        # Never one trained anew: on other --data it would give the checkpoint's ids other meanings.
+        try:
+            tokenizer = load_tokenizer(spec.resume_from)
+        except (OSError, ValueError):
+            raise ValueError(
+                f"--resume {spec.resume_from} holds no tokenizer (checkpoints written before engram-hf saved one "
+                "there): pass the run's own with --tokenizer (OUT/model holds it once a run has finished)."
+            ) from None
     elif spec.init_from:
         tokenizer = load_tokenizer(spec.init_from)
     else:
@@ -145,6 +165,17 @@ def prepare_tokenizer(spec: TrainSpec, texts: list[str]):
     return tokenizer
 
 
+# The config fields ``tokenizer_fields`` sets.
+TOKENIZER_FIELDS = {
+    "vocab_size",
+    "compressed_vocab_size",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "engram_pad_id",
+}
+
+
 def tokenizer_fields(tokenizer, table) -> dict:
     """The config fields a tokenizer and its compression table fix (EOS doubles as Engram's pad)."""
     return dict(
@@ -154,6 +185,38 @@ def tokenizer_fields(tokenizer, table) -> dict:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         engram_pad_id=tokenizer.eos_token_id,
+    )
+
+
+# Config fields that say where the tables live or how the model runs, not what it is: a resumed run may
+# change them.
+_RUNTIME_FIELDS = {"engram_offload", "engram_shard", "use_cache"}
+
+
+def check_resume(spec: TrainSpec, model) -> None:
+    """Refuse to resume a checkpoint of another model than ``model`` (the one this run builds), naming
+    the fields that differ, and blaming the tokenizer when its fields do; a state-dict error in the
+    middle of ``Trainer.train`` would say neither."""
+    saved_file = Path(spec.resume_from) / "config.json"
+    if not saved_file.is_file():  # a LoRA checkpoint holds the adapter only
+        return
+    saved = json.loads(saved_file.read_text())
+    current = json.loads(model.config.to_json_string(use_diff=False))
+    differ = sorted(
+        k for k in (config_fields() - _RUNTIME_FIELDS) & saved.keys() & current.keys() if saved[k] != current[k]
+    )
+    if not differ:
+        return
+    shown = "; ".join(f"{k} {saved[k]!r} there, {current[k]!r} here" for k in differ)
+    if set(differ) & TOKENIZER_FIELDS:
+        given = f"--tokenizer {spec.tokenizer}" if spec.tokenizer else "this run's tokenizer"
+        raise ValueError(
+            f"--resume {spec.resume_from} was trained with another tokenizer than {given} ({shown}): resume "
+            "with the run's own tokenizer (the checkpoint's, when --tokenizer is not given)."
+        )
+    raise ValueError(
+        f"--resume {spec.resume_from} is another architecture than this run builds ({shown}): give the --config "
+        "and --set of the run being resumed."
     )
 
 
@@ -179,6 +242,25 @@ def build_model(spec: TrainSpec, tokenizer) -> EngramMoEForCausalLM:
     return model
 
 
+def training_record(spec: TrainSpec, train_blocks: int, eval_before, eval_after, lora_targets=None) -> dict:
+    """What the model card says of a run: the data, the recipe, and the held-out loss."""
+    record = {
+        "summary": f"Trained with `engram-hf train` (`transformers.Trainer`) for {spec.steps} steps.",
+        "data": f"{train_blocks} blocks of {spec.block_size} tokens",
+        "tokenizer": spec.tokenizer or f"a byte-level BPE of {spec.bpe_vocab_size} tokens trained on the data",
+        "optimizer": f"AdamW (dense) and row-wise {spec.table_optimizer} (tables), lr {spec.learning_rate}"
+        + (f", table lr {spec.table_lr}" if spec.table_lr else ", table lr 5x")
+        + f", cosine schedule with {spec.warmup_fraction:.0%} warm-up",
+        "batch": f"{spec.batch_size} sequences",
+        "seed": spec.seed,
+    }
+    if eval_before is not None and eval_after is not None:
+        record["held_out_loss"] = f"{eval_before:.3f} -> {eval_after:.3f} nats/token"
+    if spec.lora_r:
+        record["lora"] = f"r={spec.lora_r} on {', '.join(lora_targets or ())}"
+    return record
+
+
 def run_training(
     spec: TrainSpec, texts: list[str], tokenizer=None, model=None, eval_texts: list[str] | None = None
 ) -> dict:
@@ -195,10 +277,15 @@ def run_training(
         return run_attach_training(spec, texts, eval_texts)
     out = Path(spec.out_dir)
     check_spec(spec)
+    claim_out_dir(spec).mark()
     set_seed(spec.seed)
     tokenizer = tokenizer or prepare_tokenizer(spec, texts)
     model = model or build_model(spec, tokenizer)
-    train_set, eval_set = train_and_eval_sets(tokenizer, texts, eval_texts, spec.block_size, spec.eval_fraction)
+    if spec.resume_from:
+        check_resume(spec, model)
+    train_set, eval_set = train_and_eval_sets(
+        tokenizer, texts, eval_texts, spec.block_size, spec.eval_fraction, max_eval_blocks(spec)
+    )
 
     base_model = model
     lora_targets = spec.lora_targets or ("attention", "experts")
@@ -226,6 +313,7 @@ def run_training(
         eval_dataset=eval_set,
         data_collator=default_data_collator,
         optimizers=(optimizer, None),
+        processing_class=tokenizer,  # saved with every checkpoint: a resumed run reads the same ids
     )
     eval_before = trainer.evaluate()["eval_loss"] if eval_set is not None else None
     trainer.train(resume_from_checkpoint=spec.resume_from)
@@ -234,20 +322,15 @@ def run_training(
     model_dir = out / "model"
     shown_dir = Path(spec.display_dir) / "model" if spec.display_dir else model_dir
     n_params = sum(p.numel() for p in base_model.parameters())
-    note = (
-        f"{spec.steps} steps with `transformers.Trainer` ({spec.table_optimizer} table optimizer, lr "
-        f"{spec.learning_rate}, cosine), blocks of {spec.block_size} tokens, batch {spec.batch_size}"
-        + (f"; held-out loss {eval_before:.3f} -> {eval_after:.3f}" if eval_set is not None else "")
-        + (f"; LoRA r={spec.lora_r} on {', '.join(lora_targets)}" if spec.lora_r else "")
-        + "."
-    )
+    training = training_record(spec, len(train_set), eval_before, eval_after, lora_targets)
 
     def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if not spec.lora_r:
-            card = render_model_card(base_model, f"EngramMoE ({spec.config})", str(shown_dir), note)
-            (tmp / "README.md").write_text(card, encoding="utf-8")
+            record_card_info(tmp, name=f"EngramMoE ({spec.config})", training=training)
+            card = render_model_card(base_model, path=str(shown_dir), info=read_card_info(tmp))
+            write_card(tmp, card)
 
     atomic_write_dir(model_dir, save)
     # The saved model holds the trained tables; the work files of disk-offloaded training, and the
@@ -255,9 +338,7 @@ def run_training(
     shutil.rmtree(out / "engram-work", ignore_errors=True)
     if spec.engram_offload and not spec.init_from:
         shutil.rmtree(out / "initial", ignore_errors=True)
-    history = trainer.state.log_history
-    if eval_before is not None:
-        history = [{"step": 0, "eval_loss": eval_before}, *history]
+    history = with_held_out(trainer.state.log_history, eval_before, eval_after, trainer.state.global_step)
     plot = plot_loss_curve(history, out / "loss_curve.png", title=f"EngramMoE {spec.config}")
     # Paths as the user will find them: a run built in a temp dir is moved to display_dir after.
     shown_spec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -386,6 +387,7 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         Offloaded tables (which are not parameters) are streamed from where they live, with the
         rows training or edits changed, into shards of their own; the checkpoint then loads like
         any other, resident or offloaded."""
+        from engram_hf.model_card import CARD_FILE, read_card_info, render_model_card, write_card
         from engram_hf.offload.safetensors_io import add_streamed_tables
         from engram_hf.utils import atomic_save_pretrained
 
@@ -408,12 +410,17 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
 
         stores = {key: e.table.store for key, e in offloaded.items()}
 
+        target = Path(save_directory)
+
         def write(tmp):
             # Before anything is read: the dense weights may be mapped from the same file as a
             # table, and a truncated file faults (SIGBUS) on the first read past its new end.
             for store in stores.values():
                 store.check_unchanged()
             save(tmp, *args, **kwargs)
+            # The model card, unless the directory holds a README of the user's (then that is kept).
+            card = render_model_card(self, path=str(target), info=read_card_info(target))
+            write_card(tmp, card, previous=target / CARD_FILE)
             for e in offloaded.values():
                 e.table.wait_updates()
             if stores:
@@ -496,6 +503,25 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
     def engram_table_parameters(self) -> int:
         """Elements in all Engram tables, resident or offloaded."""
         return sum(e.table_parameters for e in self.engram_layers().values())
+
+    def parameter_counts(self) -> dict:
+        """``total`` (table elements counted wherever the tables live), ``tables``, ``routed_experts``
+        and ``activated``: what one token uses, the top-k routed experts and, of each Engram table,
+        one row per n-gram order and head. Works on the meta device (no memory)."""
+        config = self.config
+        tables = self.engram_table_parameters()
+        table_ids = {id(e.table.weight) for e in self.engram_layers().values() if not e.offloaded and not e.quantized}
+        dense = sum(p.numel() for p in self.parameters() if id(p) not in table_ids)
+        experts = sum(
+            sum(p.numel() for p in layer.mlp.experts.parameters())
+            for layer in self._engram_base().layers
+            if layer.is_moe
+        )
+        active_experts = experts * config.num_experts_per_tok // config.n_routed_experts
+        active_rows = len(config.engram_layer_ids) * config.engram_embed_dim
+        total = dense + tables
+        activated = total - tables - experts + active_experts + active_rows
+        return {"total": total, "tables": tables, "routed_experts": experts, "activated": activated}
 
     def bind_engram_stores(self, stores: dict, cache_rows: int = 0, cache_device="cpu") -> None:
         """Attach a row store (``engram_hf.offload.stores``) to each offloaded table, by layer id."""
