@@ -8,10 +8,11 @@ of the model:
 
 * ``rows``: ``EngramEditor`` with the subject (positions="auto"): the subject's own rows, the last
   position's added when they do not reach the target (issue 19's method);
-* ``rows+templates``: the subject's rows only (positions="subject"), optimised under the request's
-  prompt and its relation's templates (CounterFact's prompt templates of the relation: the prompt's
-  and two more phrasings; never a held-out one);
-* ``rows+templates+prefixes``: and under ROME's generated prefixes (the headline method);
+* ``rows+templates`` (the headline method, ``--headline``): the same, optimised under the request's
+  prompt and its relation's templates too (CounterFact's prompt templates of the relation: the
+  prompt's and two more phrasings; never a held-out one);
+* ``rows+templates subject-only``: only the subject's rows, never widened (positions="subject");
+* ``rows+templates+prefixes``: and under ROME's generated prefixes (2);
 * ``rows+templates+related``: and the subject's other relations, in their templates, held
   (``keep_related``);
 * ``rows batch``: the headline method, ``--batch-size`` requests per optimisation (MEMIT's way);
@@ -21,7 +22,8 @@ of the model:
 
 Every method stops at the same criterion (the prompt's target tokens at p >= 0.9, contexts at 0.5,
 at most ``--max-steps`` steps). The ablations (``--ablations``) run on the first
-``--ablation-edits`` requests; the rest on all ``--edits``. As edits accumulate, over all edits
+``--ablation-edits`` requests, the fine-tuning baselines on the first ``--ft-edits``; the rest on
+all ``--edits``. As edits accumulate, over all edits
 made so far (``counterfact_scores``): efficacy (p(new) > p(true)), generalisation on held-out
 paraphrases (``near``: they end in the prompt's words and share its n-grams; ``far``: other
 phrasings the model learned, never shown to an editor), specificity (neighbours: other subjects
@@ -29,11 +31,14 @@ with the same true object, unedited and known, keep p(true) > p(new)), related f
 subjects' unedited other facts, in a held-out phrasing, stay the greedy answer), held-out text
 (NLL, top-1 agreement), and locality measured exactly: of the positions of corpus documents and
 held-out text that read no edited row (nor does an earlier position), the share with bit-identical
-logits in a forward of their own, against the unedited model. At the end every row method's edits
+logits in a forward of their own, against the same model with all edits reverted. At the end every row method's edits
 are reverted in a random order the patches allow and the tables compared bit for bit.
 
     python benchmarks/bench_edit.py --edits 1000 --json benchmarks/results_edit_cpu.json \\
-        --plot benchmarks/edit_sequential.png
+        --plot benchmarks/edit_sequential.png [--model-cache DIR]
+
+The fact model takes about 20 minutes of one CPU thread to train; ``--model-cache`` keeps it for
+later runs (reused only if its settings match).
 """
 
 from __future__ import annotations
@@ -230,9 +235,9 @@ def score_cases(world, cases, edited_prompts, known):
     return out
 
 
-def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe, args, corpus_docs):
+def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe, args, corpus_docs, on_point=None):
     m = copy.deepcopy(model).eval()
-    curve, steps, seconds, rows, converged = [], [], 0.0, 0, 0
+    curve, steps, seconds, rows, converged, kept, widened, slowest = [], [], 0.0, 0, 0, [], 0, 0.0
     editor = None
     templates = world.templates()
 
@@ -240,7 +245,9 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
         kw = dict(kw)
         if kw.pop("templates", False):
             kw["templates"] = templates
-        return EngramEditor(m, tok, max_steps=args.max_steps, progress=False, seed=args.seed, **kw)
+        return EngramEditor(
+            m, tok, max_steps=args.max_steps, max_kept=args.max_kept, progress=False, seed=args.seed, **kw
+        )
 
     headline_kw = METHODS[args.headline]["editor"]
     headline = make_editor(headline_kw)  # its sequences are what the fine-tuning baselines train on
@@ -257,6 +264,8 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
         if editor is not None:
             result = editor.edit(requests)
             steps.append(result.steps)
+            kept.append(result.kept_previous)
+            widened += result.widened
             converged += sum(r.converged for r in result.requests)
             rows += result.patch.num_rows
         else:
@@ -268,6 +277,7 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
             seqs = headline.sequences(requests)[0]
             steps.append(finetune(m, seqs, params, args.ft_lr, args.max_steps, 0.9, headline.context_prob, table_rows))
         seconds += time.perf_counter() - t
+        slowest = max(slowest, time.perf_counter() - t)
         done += len(chunk)
         bar.update(len(chunk))
         if todo and done >= todo[0]:
@@ -277,6 +287,8 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
             point.update(counterfact_scores(m, tok, scored[:done]))
             point.update(probe.measure(m, EngramPatch.stack(editor.history) if editor is not None else None))
             curve.append(point)
+            if on_point is not None:  # the curve so far survives an interrupted run
+                on_point(curve)
             tqdm.write(f"{name} {json.dumps({k: round(v, 2) for k, v in point.items() if isinstance(v, float)})}")
     bar.close()
     out = {
@@ -284,6 +296,8 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
         "edits": len(cases),
         "batch_size": batch,
         "mean_steps": sum(steps) / len(steps),
+        "max_steps_taken": max(steps),
+        "slowest_edit_seconds": slowest,
         "seconds_per_edit": seconds / len(cases),
         "edit_seconds": seconds,
         "rows_written": rows if editor is not None else None,
@@ -297,6 +311,9 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
     }
     if editor is not None:
         out["converged"] = converged
+        out["widened"] = widened
+        out["mean_kept_previous"] = sum(kept) / len(kept)
+        out["max_kept_previous"] = max(kept)
         stacked = EngramPatch.stack(editor.history)
         out["rows_changed"] = stacked.changed_rows
         out["collisions"] = collisions(m, tok, editor, corpus_docs) if name == args.headline else None
@@ -345,6 +362,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=96)
     ap.add_argument("--max-steps", type=int, default=200)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
+    ap.add_argument("--max-kept", type=int, default=64, help="earlier edits kept in an edit's objective, at most")
     ap.add_argument("--batch-size", type=int, default=100, help="requests per optimisation of 'rows batch'")
     ap.add_argument("--heldout-chars", type=int, default=3000)
     ap.add_argument("--headline", default="rows+templates", help="the row method 'rows batch' and the baselines follow")
@@ -402,8 +420,14 @@ def main():
     plan += [(n, min(args.ablation_edits, len(cases))) for n in args.ablations.split(",") if n]
     for name, n in plan:
         cps = [k for k in checkpoints if k < n] + [n]
+
+        def partial(curve, name=name):
+            results["methods"][name] = {"curve": curve, "interrupted": True}
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+
         results["methods"][name] = run_method(
-            name, METHODS[name], model, tok, world, cases[:n], scored[:n], cps, probe, args, corpus_docs
+            name, METHODS[name], model, tok, world, cases[:n], scored[:n], cps, probe, args, corpus_docs, partial
         )
         summary = {k: v for k, v in results["methods"][name].items() if k != "curve"}
         print(name, json.dumps(summary))

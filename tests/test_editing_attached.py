@@ -6,8 +6,7 @@ import hashlib
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM
 
 from engram_hf import attach_engram, load_engram
 from engram_hf.editing import (
@@ -21,18 +20,13 @@ from engram_hf.editing import (
 )
 from engram_hf.editing.rows import reachable, reads
 
-from conftest import single_thread, tiny_causal_lm, tiny_compression, tiny_spec, wake_engram
+from conftest import single_thread, tiny_causal_lm, tiny_compression, tiny_spec, wake_engram, word_tokenizer
 
 WORDS = "the capital of zorbania is vlaith kezou brou people in speak drafish toulish and a city river".split()
 
 
 def _tokenizer():
-    vocab = {"[UNK]": 0, "[PAD]": 1}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]")
+    return word_tokenizer(WORDS)
 
 
 @pytest.fixture(scope="module", autouse=True)

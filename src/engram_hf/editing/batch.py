@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..utils import iter_jsonl_records
 from .editor import EditRequest, EngramEditor
 from .evaluate import ScoreCase, counterfact_scores
 from .patch import EngramPatch
@@ -90,15 +91,7 @@ def load_requests(path: str | os.PathLike) -> list[EditCase]:
     if not path.is_file():
         raise FileNotFoundError(f"No request file {path}.")
     cases = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            x = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EditInputError(f"{path}:{n} is not valid JSON ({e}).") from None
-        if not isinstance(x, dict):
-            raise EditInputError(f"{path}:{n}: a request is a JSON object, got {type(x).__name__}.")
+    for n, x in iter_jsonl_records(path, EditInputError):
         try:
             cases.append(_counterfact(x) if "requested_rewrite" in x else _flat(x))
         except EditInputError as e:

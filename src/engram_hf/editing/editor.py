@@ -333,7 +333,9 @@ class EngramEditor:
       ``settle_steps`` (once the targets are met, further steps that may lower that KL; the best
       state still meeting every target is kept).
     * ``keep_previous``: earlier edits of this editor whose prompts read a row this edit changes stay
-      in the objective, so a later edit cannot undo them.
+      in the objective, so a later edit cannot undo them; at most ``max_kept`` of them (the ones
+      closest to losing their target), so that an edit's cost stays bounded over thousands of edits
+      (``None``: all).
     * ``keep_related``: with ``templates``, the subject's *other* relations, in their templates, keep
       their predictions (a KL term, like locality prompts): an edit of one fact about a subject
       leaves what the model says of its other facts.
@@ -362,6 +364,7 @@ class EngramEditor:
         preserve_window: int = 16,
         settle_steps: int = 10,
         keep_previous: bool = True,
+        max_kept: int | None = 64,
         keep_related: bool = True,
         seed: int = 0,
         progress: bool = True,
@@ -400,6 +403,9 @@ class EngramEditor:
         self.prefixes, self.prefix_tokens, self.context_prob = prefixes, tuple(prefix_tokens), context_prob
         self.corpus, self.preserve, self.preserve_window = corpus, preserve, preserve_window
         self.settle_steps, self.keep_previous, self.keep_related = settle_steps, keep_previous, keep_related
+        if max_kept is not None and max_kept < 1:
+            raise ValueError(f"max_kept must be >= 1 or None, got {max_kept}.")
+        self.max_kept = max_kept
         self.seed, self.progress = seed, progress
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.decoder = RowDecoder(model)
@@ -944,7 +950,13 @@ class EngramEditor:
         ids, mask = batch_ids([s.ids for s in candidates], self.pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
         lp = self._target_logprobs(self.model(ids, attention_mask=mask, use_cache=False).logits, candidates, ids)
-        return [s for s, x in zip(candidates, lp) if self._met(s, x)]
+        met = [(s, x) for s, x in zip(candidates, lp) if self._met(s, x)]
+        if self.max_kept is not None and len(met) > self.max_kept:
+            # The most fragile first: the smallest margin of any target token over its floor.
+            margin = [float((x - math.log(self.target_prob if s.exact else self.context_prob)).min()) for s, x in met]
+            order = sorted(range(len(met)), key=lambda i: margin[i])[: self.max_kept]
+            met = [met[i] for i in sorted(order)]
+        return [s for s, _ in met]
 
     # ------------------------------------------------------------------ side effects
     @torch.no_grad()
@@ -971,7 +983,8 @@ class EngramEditor:
             return None
         dev = model_device(self.model)
         seqs = [s for s, k in zip(seqs, keep.tolist()) if k]
-        ids, mask, reach = ids[keep].to(dev), mask[keep].to(dev), reach[keep].to(dev)
+        width = max(len(s) for s in seqs)  # the kept ones' (a longer sequence may have been dropped)
+        ids, mask, reach = ids[keep, :width].to(dev), mask[keep, :width].to(dev), reach[keep, :width].to(dev)
         ref = self.model(ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
         return {"ids": seqs, "reach": reach, "ref": ref[reach]}
 

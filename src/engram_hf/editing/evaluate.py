@@ -111,6 +111,20 @@ def _reach(model, patch: EngramPatch, id_lists: list[list[int]], batch_size: int
     return out
 
 
+def _before_and_after(model, patch: EngramPatch, state: str, measure):
+    """``measure()`` with the patch reverted, then applied; the model is left in ``state``."""
+    try:
+        if state == "applied":
+            patch.revert(model)
+        before = measure()
+        patch.apply(model)
+        after = measure()
+    finally:
+        if state == "reverted" and patch.state(model) == "applied":
+            patch.revert(model)
+    return before, after
+
+
 @torch.no_grad()
 def exact_locality(model, tokenizer, patch: EngramPatch, texts: list[str]) -> dict:
     """Locality of ``patch`` on ``texts``, exactly: every position that reads no patched row, with no
@@ -127,15 +141,7 @@ def exact_locality(model, tokenizer, patch: EngramPatch, texts: list[str]) -> di
     free = [x for x in free if x]
     dev = model_device(model)
     run = lambda: [model(torch.tensor([x], device=dev), use_cache=False).logits[0].cpu() for x in free]
-    try:
-        if state == "applied":
-            patch.revert(model)
-        before = run()
-        patch.apply(model)
-        after = run()
-    finally:
-        if state == "reverted":
-            patch.revert(model)
+    before, after = _before_and_after(model, patch, state, run)
     equal = sum(int((a == b).all(-1).sum()) for a, b in zip(after, before))
     return {
         "texts": len(texts),
@@ -271,15 +277,7 @@ def evaluate_edit(
             m["gen"] = scorer.greedy(prompts, generation_tokens)
         return m
 
-    try:
-        if state == "applied":
-            patch.revert(model)
-        before = measure()
-        patch.apply(model)
-        after = measure()
-    finally:
-        if state == "reverted" and patch.state(model) == "applied":
-            patch.revert(model)
+    before, after = _before_and_after(model, patch, state, measure)
 
     per_request = []
     eff, eff0, es, gen, gs, spec, spec0 = [], [], [], [], [], [], []
