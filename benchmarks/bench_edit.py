@@ -360,13 +360,13 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-2, help="training learning rate")
     ap.add_argument("--table-size", type=int, default=200003, help="rows per head and n-gram order")
     ap.add_argument("--hidden", type=int, default=96)
-    ap.add_argument("--max-steps", type=int, default=200)
+    ap.add_argument("--max-steps", type=int, default=50)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
-    ap.add_argument("--max-kept", type=int, default=64, help="earlier edits kept in an edit's objective, at most")
+    ap.add_argument("--max-kept", type=int, default=16, help="earlier edits kept in an edit's objective, at most")
     ap.add_argument("--batch-size", type=int, default=100, help="requests per optimisation of 'rows batch'")
     ap.add_argument("--heldout-chars", type=int, default=3000)
     ap.add_argument("--headline", default="rows+templates", help="the row method 'rows batch' and the baselines follow")
-    ap.add_argument("--methods", default="rows+templates,rows batch,ft-full,ft-ffn")
+    ap.add_argument("--methods", default="rows+templates,ft-full,ft-ffn,rows batch")
     ap.add_argument(
         "--ablations", default="rows,rows+templates subject-only,rows+templates+prefixes,rows+templates+related"
     )
