@@ -774,7 +774,10 @@ def test_templates_and_prefixes_are_contexts_through_the_subjects_rows(facts):
     templates = world.templates()
     editor = EngramEditor(model, tokenizer, templates=templates, prefixes=2, progress=False)
     seqs = editor.sequences(request)[0]
+    # The relation's phrasings, the prompt's own among them: it is the prompt, not a second context.
     filled = [t.replace("{}", case.subject) for t in templates[case.relation]]
+    assert case.prompt in filled
+    filled = [t for t in filled if t != case.prompt]
     texts = _texts(tokenizer, seqs)
     assert texts[: 1 + len(filled)] == [case.prompt, *filled]
     assert [exact for _, _, exact in seqs] == [True] + [False] * (len(seqs) - 1)
