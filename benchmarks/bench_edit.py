@@ -1,28 +1,44 @@
-"""Sequential knowledge edits: Engram row edits against dense fine-tuning, side by side in one run.
+"""Knowledge correction at scale: 1,000 sequential Engram row edits against dense fine-tuning, side by
+side in one run, on the same requests.
 
-A small EngramMoE learns a synthetic world of invented facts (``engram_hf.editing.facts``) mixed
-into Shakespeare. Then 100+ CounterFact-style counterfactuals are applied one after another, by
-each method on its own copy of the model:
+A small EngramMoE learns a synthetic world of invented facts (``engram_hf.editing.facts``: 500
+countries x 4 relations = 2,000 facts) mixed into Shakespeare. Then CounterFact-style
+counterfactuals of facts it knows are applied **one after another**, by each method on its own copy
+of the model:
 
-* ``rows``: ``EngramEditor`` given the subject (as CounterFact gives it): only the rows of the
-  subject's own n-grams, plus target positions the model cannot continue yet;
-* ``rows-no-subject``: ``EngramEditor`` without a subject: the rows of the n-grams ending at the
-  prompt's last position (the n-grams the prediction is made from);
-* ``rows+preserve``: ``rows`` with a ``CorpusIndex`` of the training text protecting up to
-  ``--preserve`` other readers of each edited row (a KL term towards their current predictions);
-* ``ft-full``: fine-tuning every parameter on the request (what a user would otherwise reach for);
-* ``ft-ffn``: fine-tuning only the FFN/MoE weights of the Engram layers (ROME/MEMIT's locus).
+* ``rows``: ``EngramEditor`` with the subject (positions="auto"): the subject's own rows, the last
+  position's added when they do not reach the target (issue 19's method);
+* ``rows+templates`` (the headline method, ``--headline``): the same, optimised under the request's
+  prompt and its relation's templates too (CounterFact's prompt templates of the relation: the
+  prompt's and two more phrasings; never a held-out one);
+* ``rows+templates subject-only``: only the subject's rows, never widened (positions="subject");
+* ``rows+templates+prefixes``: and under ROME's generated prefixes (2);
+* ``rows+templates+related``: and the subject's other relations, in their templates, held
+  (``keep_related``);
+* ``rows batch``: the headline method, ``--batch-size`` requests per optimisation (MEMIT's way);
+* ``ft-full``: fine-tuning every parameter (the model's own optimiser: Adam, row-wise on the tables),
+  on the same sequences as the headline method, to the same criterion;
+* ``ft-ffn``: fine-tuning only the FFN/MoE of the Engram layers (ROME/MEMIT's locus), likewise.
 
-Every method stops at the same criterion (each target token at probability >= 0.9, at most
-``--max-steps`` steps). As edits accumulate, on all edits made so far: efficacy (the new object
-beats the true one, p(new) > p(true), CounterFact's "efficacy score"; and is the greedy
-completion), generalisation (held-out paraphrases: ``near`` ones end like the prompt and share its
-last n-grams, ``far`` ones do not), specificity (neighbour subjects with the same true object keep
-p(true) > p(new), CounterFact's neighbourhood score; and still give their own object as the greedy
-completion), the share of corpus positions whose logits stayed bit-identical, top-1
-agreement on a held-out text and its NLL (fluency).
+Every method stops at the same criterion (the prompt's target tokens at p >= 0.9, contexts at 0.5,
+at most ``--max-steps`` steps). The ablations (``--ablations``) run on the first
+``--ablation-edits`` requests, the fine-tuning baselines on the first ``--ft-edits``; the rest on
+all ``--edits``. As edits accumulate, over all edits
+made so far (``counterfact_scores``): efficacy (p(new) > p(true)), generalisation on held-out
+paraphrases (``near``: they end in the prompt's words and share its n-grams; ``far``: other
+phrasings the model learned, never shown to an editor), specificity (neighbours: other subjects
+with the same true object, unedited and known, keep p(true) > p(new)), related facts (the edited
+subjects' unedited other facts, in a held-out phrasing, stay the greedy answer), held-out text
+(NLL, top-1 agreement), and locality measured exactly: of the positions of corpus documents and
+held-out text that read no edited row (nor does an earlier position), the share with bit-identical
+logits in a forward of their own, against the same model with all edits reverted. At the end every row method's edits
+are reverted in a random order the patches allow and the tables compared bit for bit.
 
-    python benchmarks/bench_edit.py --json benchmarks/results_edit_cpu.json --plot benchmarks/edit_sequential.png
+    python benchmarks/bench_edit.py --edits 1000 --json benchmarks/results_edit_cpu.json \\
+        --plot benchmarks/edit_sequential.png [--model-cache DIR]
+
+The fact model takes about 20 minutes of one CPU thread to train; ``--model-cache`` keeps it for
+later runs (reused only if its settings match).
 """
 
 from __future__ import annotations
@@ -30,288 +46,440 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
-import platform
+import os
+import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engram_hf.data import builtin_text
-from engram_hf.editing import CorpusIndex, EditRequest, EngramEditor
-from engram_hf.editing.facts import FactWorld, train_fact_model
-from engram_hf.editing.rows import batch_ids
+from engram_hf.editing import CorpusIndex, EditRequest, EngramEditor, EngramPatch
+from engram_hf.editing.batch import plot_curves
+from engram_hf.editing.evaluate import ScoreCase, _pair_scores, counterfact_scores
+from engram_hf.editing.facts import RELATIONS, FactWorld, train_fact_model
+from engram_hf.editing.rows import reachable, reads
+from engram_hf.optim import build_optimizer
+from engram_hf.optim.rowwise import set_sparse_table_grads
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import device_name  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus" / "shakespeare"
+METHODS = {
+    "rows": dict(editor=dict(keep_related=False)),
+    "rows+templates": dict(editor=dict(templates=True, keep_related=False)),
+    "rows+templates subject-only": dict(editor=dict(positions="subject", templates=True, keep_related=False)),
+    "rows+templates+prefixes": dict(editor=dict(templates=True, prefixes=2, keep_related=False)),
+    "rows+templates+related": dict(editor=dict(templates=True, keep_related=True)),
+    "rows batch": dict(editor="headline", batch=True),
+    "ft-full": dict(ft="full"),
+    "ft-ffn": dict(ft="ffn"),
+}
 
 
-def texts(args) -> tuple[str, str, str]:
+def texts(heldout_chars: int) -> tuple[str, str, str]:
     """(filler the facts are mixed into, held-out text for fluency, where they came from)."""
     sonnets, hamlet = SHAKESPEARE / "sonnets_gut.txt", SHAKESPEARE / "hamlet_gut.txt"
     if sonnets.exists() and hamlet.exists():
         held = hamlet.read_text(encoding="utf-8")
-        return sonnets.read_text(encoding="utf-8"), held[20000 : 20000 + args.heldout_chars], "shared Shakespeare"
+        return sonnets.read_text(encoding="utf-8"), held[20000 : 20000 + heldout_chars], "shared Shakespeare"
     text = builtin_text()
-    return text[: -args.heldout_chars], text[-args.heldout_chars :], "built-in sonnets"
+    return text[:-heldout_chars], text[-heldout_chars:], "built-in sonnets"
 
 
-class Scorer:
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self.pad = tokenizer.pad_token_id or 0
+def fact_model(args, world, filler):
+    """The fact model, trained here or loaded from ``--model-cache`` (trained there before with the
+    same settings); returns (model, tokenizer, training seconds or None if loaded)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def ids(self, text, special=True):
-        return self.tok(text, add_special_tokens=special)["input_ids"]
+    settings = {
+        k: getattr(args, k) for k in ("subjects", "objects", "train_steps", "table_size", "hidden", "seed", "lr")
+    }
+    cache = Path(args.model_cache) if args.model_cache else None
+    if cache is not None and (cache / "bench_settings.json").exists():
+        saved = json.loads((cache / "bench_settings.json").read_text())
+        if saved["settings"] == settings:
+            model = AutoModelForCausalLM.from_pretrained(cache).eval()
+            return model, AutoTokenizer.from_pretrained(cache), saved["train_seconds"], True
+        raise SystemExit(f"--model-cache {cache} holds a model trained with other settings: {saved['settings']}")
+    started = time.time()
+    model, tok = train_fact_model(
+        world,
+        filler,
+        steps=args.train_steps,
+        lr=args.lr,
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        engram_vocab_size=[args.table_size, args.table_size],
+        seed=args.seed,
+    )
+    seconds = time.time() - started
+    if cache is not None:
+        model.save_pretrained(cache)
+        tok.save_pretrained(cache)
+        (cache / "bench_settings.json").write_text(json.dumps({"settings": settings, "train_seconds": seconds}))
+    return model, tok, seconds, False
+
+
+class Probe:
+    """Held-out text and corpus documents, with the unedited model's logits: fluency and exact locality."""
+
+    def __init__(self, model, tok, heldout: str, docs: list[str]):
+        self.model = model
+        self.heldout = torch.tensor(tok(heldout)["input_ids"][:512]).view(8, 64)
+        self.docs = [tok(d)["input_ids"] for d in docs]
+        with torch.no_grad():
+            self.heldout_ref = model(self.heldout, use_cache=False).logits.float()
+            self.doc_ref = [model(torch.tensor([d]), use_cache=False).logits[0] for d in self.docs]
 
     @torch.no_grad()
-    def logprobs(self, model, pairs, batch=64):
-        """log p(answer | prompt) for (prompt, answer) string pairs."""
-        out = []
-        for i in range(0, len(pairs), batch):
-            chunk = [(self.ids(p), self.ids(a, False)) for p, a in pairs[i : i + batch]]
-            ids, mask = batch_ids([p + a for p, a in chunk], self.pad)
-            logp = model(ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
-            for b, (p, a) in enumerate(chunk):
-                pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
-                out.append(float(logp[b, pos, ids[b, pos + 1]].sum()))
+    def measure(self, m, patch: EngramPatch | None = None) -> dict:
+        """Fluency against the unedited model's logits; with ``patch`` (all row edits so far, applied
+        to ``m``) exact locality, compared bit for bit on ``m`` itself with the patch reverted: two
+        copies of a model need not round alike (a CPU matmul's kernel can depend on where a tensor
+        lies in memory), one model before and after an edit must."""
+        logits = m(self.heldout, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), self.heldout[:, 1:].flatten())
+        out = {
+            "heldout_nll": float(nll),
+            "heldout_top1_agreement": 100.0 * float((logits.argmax(-1) == self.heldout_ref.argmax(-1)).float().mean()),
+        }
+        seqs = list(self.docs) + self.heldout.tolist()
+        if patch is None:
+            same = total = 0
+            for ids, ref in zip(self.docs, self.doc_ref):
+                same += int((m(torch.tensor([ids]), use_cache=False).logits[0] == ref).all(-1).sum())
+                total += len(ids)
+            out["corpus_bit_identical"] = 100.0 * same / total
+            return out
+        rowset = patch.rowset()
+        prefixes = []  # per sequence: its positions that read no edited row (nor does an earlier one)
+        for ids in seqs:
+            x = torch.tensor([ids])
+            prefixes.append(int((~reachable(reads(m, rowset, x))[0]).sum()))
+
+        def forwards():
+            full = [m(torch.tensor([ids]), use_cache=False).logits[0] for ids in self.docs]
+            cut = [
+                m(torch.tensor([ids[:n]]), use_cache=False).logits[0] if n else None for ids, n in zip(seqs, prefixes)
+            ]
+            return full, cut
+
+        full, cut = forwards()
+        patch.revert(m)
+        try:
+            full_ref, cut_ref = forwards()
+        finally:
+            patch.apply(m)
+        total = sum(len(ids) for ids in self.docs)
+        same = sum(int((a == b).all(-1).sum()) for a, b in zip(full, full_ref))
+        out["corpus_bit_identical"] = 100.0 * same / total
+        untouched = sum(prefixes)
+        equal = sum(int((a == b).all(-1).sum()) for a, b in zip(cut, cut_ref) if a is not None)
+        out["untouched_positions"] = untouched
+        out["untouched_share"] = 100.0 * untouched / sum(len(s) for s in seqs)
+        out["untouched_bit_identical"] = 100.0 * equal / untouched if untouched else None
         return out
 
-    @torch.no_grad()
-    def greedy_ok(self, model, pairs):
-        ok = []
-        for p, a in pairs:
-            x, want = torch.tensor([self.ids(p)]), self.ids(a, False)
-            for _ in want:
-                x = torch.cat([x, model(x, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
-            ok.append(x[0, -len(want) :].tolist() == want)
-        return ok
 
-
-def metrics(model, scorer, cases, heldout_ids, heldout_ref, corpus_ids, corpus_ref) -> dict:
-    mean = lambda xs: 100.0 * sum(xs) / len(xs) if xs else float("nan")
-    new = scorer.logprobs(model, [(c.prompt, c.target) for c in cases])
-    true = scorer.logprobs(model, [(c.prompt, c.true_target) for c in cases])
-    near = [(p, c) for c in cases for p in c.near]
-    far = [(p, c) for c in cases for p in c.far]
-    nn_ = scorer.logprobs(model, [(p, c.target) for p, c in near])
-    nt = scorer.logprobs(model, [(p, c.true_target) for p, c in near])
-    fn = scorer.logprobs(model, [(p, c.target) for p, c in far])
-    ft = scorer.logprobs(model, [(p, c.true_target) for p, c in far])
-    neigh = [(p, a, c) for c in cases for p, a in c.neighbours]
-    kt = scorer.logprobs(model, [(p, a) for p, a, _ in neigh])
-    kn = scorer.logprobs(model, [(p, c.target) for p, _, c in neigh])
-    with torch.no_grad():
-        logits = model(heldout_ids, use_cache=False).logits.float()  # [chunks, T, V]
-        nll = float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), heldout_ids[:, 1:].flatten()))
-        top1 = float((logits.argmax(-1) == heldout_ref.argmax(-1)).float().mean()) * 100
-        heldout_same = float((logits == heldout_ref).all(-1).float().mean()) * 100
-        same = total = 0
-        for ids, ref in zip(corpus_ids, corpus_ref):
-            now = model(ids, use_cache=False).logits[0]
-            same += int((now == ref).all(-1).sum())
-            total += ids.shape[1]
-    gen = [a > b for a, b in zip(nn_ + fn, nt + ft)]
-    return {
-        "efficacy": mean([a > b for a, b in zip(new, true)]),
-        "efficacy_top1": mean(scorer.greedy_ok(model, [(c.prompt, c.target) for c in cases])),
-        "generalisation": mean(gen),
-        "generalisation_near": mean([a > b for a, b in zip(nn_, nt)]),
-        "generalisation_far": mean([a > b for a, b in zip(fn, ft)]),
-        "specificity": mean([a > b for a, b in zip(kt, kn)]),
-        "specificity_top1": mean(scorer.greedy_ok(model, [(p, a) for p, a, _ in neigh])),
-        "heldout_nll": nll,
-        "heldout_top1_agreement": top1,
-        "heldout_bit_identical": heldout_same,
-        "corpus_bit_identical": 100.0 * same / total,
-    }
-
-
-def finetune(model, scorer, case, params, lr, max_steps, target_prob) -> int:
-    """Dense fine-tuning on one request: Adam on ``params`` until every target token has
-    ``target_prob`` (the editor's criterion) or ``max_steps``."""
-    prompt, target = scorer.ids(case.prompt), scorer.ids(case.target, False)
-    ids = torch.tensor([prompt + target])
-    pos = torch.arange(len(prompt) - 1, len(prompt) + len(target) - 1)
+def finetune(model, seqs, params, lr, max_steps, target_prob, context_prob, table_rows: bool) -> int:
+    """Dense fine-tuning on one request's sequences (the row editor's: prompt, templates, prefixed),
+    until the prompt's target tokens have ``target_prob`` and the contexts' ``context_prob`` (the
+    editor's criterion), or ``max_steps``. ``table_rows``: the tables train too, row-wise (the
+    model's own optimiser), else Adam on ``params``."""
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(s) for s, _, _ in seqs], batch_first=True)
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor([len(s) for s, _, _ in seqs])[:, None]).long()
+    floors = [torch.log(torch.tensor(target_prob if exact else context_prob)) for _, _, exact in seqs]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = build_optimizer(model, lr=lr, table_optimizer="adam") if table_rows else torch.optim.Adam(params, lr=lr)
     steps = 0
     for _ in range(max_steps + 1):
-        lp = model(ids, use_cache=False).logits[0].float().log_softmax(-1)[pos, ids[0, pos + 1]]
-        if bool((lp >= math.log(target_prob)).all()) or steps == max_steps:
+        logp = model(ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+        lps = []
+        for b, (s, first, _) in enumerate(seqs):
+            pos = torch.arange(first - 1, len(s) - 1)
+            lps.append(logp[b, pos, ids[b, pos + 1]])
+        if all(bool((x >= f).all()) for x, f in zip(lps, floors)) or steps == max_steps:
             break
         opt.zero_grad()
-        (-lp.mean()).backward()
+        torch.stack([-x.mean() for x in lps]).mean().backward()
         opt.step()
         steps += 1
+    if table_rows:
+        set_sparse_table_grads(model, False)
     for p in model.parameters():
         p.requires_grad_(False)
     return steps
 
 
+def score_cases(world, cases, edited_prompts, known):
+    """What each case is scored on: held-out paraphrases, neighbours (unedited, known) and the
+    subject's other facts (unedited, known), these in their first far phrasing (held out)."""
+    out = []
+    for c in cases:
+        neigh = [(p, a) for p, a in c.neighbours if p not in edited_prompts and known.get(p) == a][:5]
+        related = []
+        for f in world.facts:
+            if f.subject == c.subject and f.relation != c.relation and world.prompt(f) not in edited_prompts:
+                far = RELATIONS[f.relation].far[0].format(s=f.subject)
+                if known.get(far) == " " + f.object:
+                    related.append((far, " " + f.object))
+        out.append(ScoreCase(c.prompt, c.target, c.true_target, {"near": c.near, "far": c.far}, neigh, related))
+    return out
+
+
+def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe, args, corpus_docs, on_point=None):
+    m = copy.deepcopy(model).eval()
+    curve, steps, seconds, rows, converged, kept, widened, slowest = [], [], 0.0, 0, 0, [], 0, 0.0
+    editor = None
+    templates = world.templates()
+
+    def make_editor(kw):
+        kw = dict(kw)
+        if kw.pop("templates", False):
+            kw["templates"] = templates
+        return EngramEditor(
+            m, tok, max_steps=args.max_steps, max_kept=args.max_kept, progress=False, seed=args.seed, **kw
+        )
+
+    headline_kw = METHODS[args.headline]["editor"]
+    headline = make_editor(headline_kw)  # its sequences are what the fine-tuning baselines train on
+    if "editor" in spec:
+        editor = make_editor(headline_kw if spec["editor"] == "headline" else spec["editor"])
+    batch = args.batch_size if spec.get("batch") else 1
+    todo = list(checkpoints)
+    bar = tqdm(total=len(cases), desc=name, unit="edit")
+    done = 0
+    while done < len(cases):
+        chunk = cases[done : done + batch]
+        requests = [EditRequest(c.prompt, c.target, subject=c.subject, relation=c.relation) for c in chunk]
+        t = time.perf_counter()
+        if editor is not None:
+            result = editor.edit(requests)
+            steps.append(result.steps)
+            kept.append(result.kept_previous)
+            widened += result.widened
+            converged += sum(r.converged for r in result.requests)
+            rows += result.patch.num_rows
+        else:
+            if spec["ft"] == "full":
+                params, table_rows = list(m.parameters()), True
+            else:
+                params = [p for i in sorted(m.engram_layers()) for p in m.model.layers[i].mlp.parameters()]
+                table_rows = False
+            seqs = headline.sequences(requests)[0]
+            steps.append(finetune(m, seqs, params, args.ft_lr, args.max_steps, 0.9, headline.context_prob, table_rows))
+        seconds += time.perf_counter() - t
+        slowest = max(slowest, time.perf_counter() - t)
+        done += len(chunk)
+        bar.update(len(chunk))
+        if todo and done >= todo[0]:
+            while todo and done >= todo[0]:
+                todo.pop(0)
+            point = {"edits": done, "edit_seconds": seconds}
+            point.update(counterfact_scores(m, tok, scored[:done]))
+            point.update(probe.measure(m, EngramPatch.stack(editor.history) if editor is not None else None))
+            curve.append(point)
+            if on_point is not None:  # the curve so far survives an interrupted run
+                on_point(curve)
+            tqdm.write(f"{name} {json.dumps({k: round(v, 2) for k, v in point.items() if isinstance(v, float)})}")
+    bar.close()
+    out = {
+        "curve": curve,
+        "edits": len(cases),
+        "batch_size": batch,
+        "mean_steps": sum(steps) / len(steps),
+        "max_steps_taken": max(steps),
+        "slowest_edit_seconds": slowest,
+        "seconds_per_edit": seconds / len(cases),
+        "edit_seconds": seconds,
+        "rows_written": rows if editor is not None else None,
+        "parameters_trained": (
+            sum(p.numel() for p in m.parameters())
+            if spec.get("ft") == "full"
+            else sum(p.numel() for i in sorted(m.engram_layers()) for p in m.model.layers[i].mlp.parameters())
+            if spec.get("ft") == "ffn"
+            else None
+        ),
+    }
+    if editor is not None:
+        out["converged"] = converged
+        out["widened"] = widened
+        out["mean_kept_previous"] = sum(kept) / len(kept)
+        out["max_kept_previous"] = max(kept)
+        stacked = EngramPatch.stack(editor.history)
+        out["rows_changed"] = stacked.changed_rows
+        out["collisions"] = collisions(m, tok, editor, corpus_docs) if name == args.headline else None
+        # Revert every edit, in a random order the patch stack allows; the tables must be bit-identical.
+        t = time.perf_counter()
+        rng = random.Random(args.seed)
+        in_order = 0
+        while editor.history:
+            allowed = editor.revertible()
+            i = rng.choice(allowed)
+            in_order += i == len(editor.history) - 1
+            editor.revert(i)
+        out["revert_seconds"] = time.perf_counter() - t
+        out["reverted_out_of_order"] = len(steps) - in_order
+        out["revert_bit_identical"] = all(
+            torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values())
+        )
+    return out
+
+
+def collisions(model, tok, editor, docs) -> dict:
+    """How many edited rows other corpus n-grams also read (hash collisions), measured on the
+    training corpus: the edits' rows against every position's rows (a ``CorpusIndex``)."""
+    index = CorpusIndex(model, tok, docs, progress=False)
+    stacked = EngramPatch.stack(editor.history)
+    seen = colliding = 0
+    for layer, rows in stacked.rows.items():
+        for row in rows.tolist():
+            seen += 1
+            flat = index.positions(layer, row)
+            if flat.numel():
+                order = index.decoder.address(layer, row).order
+                colliding += int(torch.unique(index.ngrams(flat, order), dim=0).shape[0] > 1)
+    table_rows = sum(e.num_table_rows for e in model.engram_layers().values())
+    return {"edited_rows": seen, "rows_read_by_two_or_more_ngrams": colliding, "table_rows": table_rows}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--subjects", type=int, default=60)
-    ap.add_argument("--edits", type=int, default=120)
-    ap.add_argument("--train-steps", type=int, default=900)
-    ap.add_argument("--max-steps", type=int, default=200)
-    ap.add_argument("--target-prob", type=float, default=0.9)
+    ap.add_argument("--subjects", type=int, default=500)
+    ap.add_argument("--objects", type=int, default=12, help="languages, currencies and sports each")
+    ap.add_argument("--edits", type=int, default=1000)
+    ap.add_argument("--train-steps", type=int, default=3000)
+    ap.add_argument("--lr", type=float, default=1e-2, help="training learning rate")
+    ap.add_argument("--table-size", type=int, default=200003, help="rows per head and n-gram order")
+    ap.add_argument("--hidden", type=int, default=96)
+    ap.add_argument("--max-steps", type=int, default=50)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
+    ap.add_argument("--max-kept", type=int, default=16, help="earlier edits kept in an edit's objective, at most")
+    ap.add_argument("--batch-size", type=int, default=100, help="requests per optimisation of 'rows batch'")
     ap.add_argument("--heldout-chars", type=int, default=3000)
-    ap.add_argument("--methods", default="rows,rows-no-subject,rows+preserve,ft-full,ft-ffn")
-    ap.add_argument("--preserve", type=int, default=4)
-    ap.add_argument("--checkpoints", default="1,10,25,50,75,100,120")
+    ap.add_argument("--headline", default="rows+templates", help="the row method 'rows batch' and the baselines follow")
+    ap.add_argument("--methods", default="rows+templates,ft-full,ft-ffn,rows batch")
+    ap.add_argument(
+        "--ablations", default="rows,rows+templates subject-only,rows+templates+prefixes,rows+templates+related"
+    )
+    ap.add_argument("--ablation-edits", type=int, default=100, help="the ablations run on the first this many edits")
+    ap.add_argument("--ft-edits", type=int, default=100, help="the fine-tuning baselines run on the first this many")
+    ap.add_argument("--checkpoints", default="1,10,50,100,200,400,600,800,1000")
+    ap.add_argument("--model-cache", help="directory to keep the trained fact model in (reused if settings match)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
     ap.add_argument("--plot")
     args = ap.parse_args()
+    for name in [args.headline, *args.methods.split(","), *args.ablations.split(",")]:
+        if name and name not in METHODS:
+            raise SystemExit(f"unknown method {name!r}: choose from {sorted(METHODS)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
 
-    filler, heldout, source = texts(args)
-    world = FactWorld(n_subjects=args.subjects, n_languages=8, n_currencies=8, seed=args.seed)
-    model, tok = train_fact_model(
-        world, filler, steps=args.train_steps, lr=1e-2, hidden_size=96, intermediate_size=192, progress=True
+    filler, heldout, source = texts(args.heldout_chars)
+    world = FactWorld(
+        args.subjects, args.objects, args.objects, args.seed, ("capital", "language", "currency", "sport"), args.objects
     )
-    scorer = Scorer(tok)
-    train_seconds = time.time() - started
+    model, tok, train_seconds, cached = fact_model(args, world, filler)
 
-    # Counterfactuals of facts the model knows (CounterFact edits facts the model holds).
-    candidates = world.counterfactuals(seed=args.seed)
-    known = scorer.greedy_ok(model, [(c.prompt, c.true_target) for c in candidates])
-    cases = [c for c, k in zip(candidates, known) if k][: args.edits]
-    # Neighbours are facts nobody edits in this run: a neighbour that is itself edited later would
-    # be expected to change.
+    # Which facts the model knows, in every phrasing scored (a teacher-forced greedy check).
+    phrasings = []
+    for f in world.facts:
+        rel = RELATIONS[f.relation]
+        phrasings += [(t.format(s=f.subject), " " + f.object) for t in (rel.prompt, *rel.far)]
+    got = _pair_scores(model, tok, phrasings, 128)
+    known = {p: a for (p, a), (_, ok) in got.items() if ok}
+    candidates = [c for c in world.counterfactuals(seed=args.seed) if known.get(c.prompt) == c.true_target]
+    cases = candidates[: args.edits]
     edited = {c.prompt for c in cases}
-    for c in cases:
-        c.neighbours = [(p, a) for p, a in c.neighbours if p not in edited]
-    print(f"model knows {sum(known)} of {len(known)} facts; editing {len(cases)} of them")
+    scored = score_cases(world, cases, edited, known)
+    print(f"model knows {len(candidates)} of {len(world.facts)} facts; editing {len(cases)} of them")
     checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if int(x) <= len(cases)} | {len(cases)})
+    corpus_docs = world.corpus(filler)
+    probe = Probe(model, tok, heldout, corpus_docs[:60])
 
-    # Held-out text in 64-token chunks (prompt-sized): NLL, top-1 agreement, bit-identical positions.
-    heldout_ids = torch.tensor(scorer.ids(heldout)[:512]).view(8, 64)
-    corpus_docs = world.corpus(filler)[:60]
-    corpus_ids = [torch.tensor([scorer.ids(d)]) for d in corpus_docs]
-    with torch.no_grad():
-        heldout_ref = model(heldout_ids, use_cache=False).logits.float()
-        corpus_ref = [model(x, use_cache=False).logits[0] for x in corpus_ids]
-    engram_layers = sorted(model.engram_layers())
-    # The unedited model on the same cases at every checkpoint: the ceiling for specificity.
+    results = {"methods": {}}
     before = []
     for k in checkpoints:
-        point = metrics(model, scorer, cases[:k], heldout_ids, heldout_ref, corpus_ids, corpus_ref)
-        before.append({**point, "edits": k})
-    results = {"before": before[-1], "methods": {"unedited": {"curve": before}}}
-    for method in args.methods.split(","):
-        m = copy.deepcopy(model).eval()
-        curve, steps, seconds, rows = [], [], 0.0, 0
-        editor = None
-        if method.startswith("rows"):
-            extra = {}
-            if method == "rows+preserve":
-                extra = dict(corpus=CorpusIndex(m, tok, world.corpus(filler), progress=False), preserve=args.preserve)
-            editor = EngramEditor(
-                m, tok, max_steps=args.max_steps, target_prob=args.target_prob, progress=False, **extra
-            )
-        for k, case in enumerate(tqdm(cases, desc=method), 1):
-            t = time.perf_counter()
-            if editor is not None:
-                subject = None if method == "rows-no-subject" else case.fact.subject
-                res = editor.edit(EditRequest(case.prompt, case.target, subject=subject))
-                steps.append(res.steps)
-                rows += res.patch.num_rows
-            else:
-                if method == "ft-full":
-                    params = [p for p in m.parameters()]
-                elif method == "ft-ffn":
-                    params = [p for i in engram_layers for p in m.model.layers[i].mlp.parameters()]
-                else:
-                    raise SystemExit(f"unknown method {method}")
-                steps.append(finetune(m, scorer, case, params, args.ft_lr, args.max_steps, args.target_prob))
-            seconds += time.perf_counter() - t
-            if k in checkpoints:
-                point = metrics(m, scorer, cases[:k], heldout_ids, heldout_ref, corpus_ids, corpus_ref)
-                point["edits"] = k
-                curve.append(point)
-                print(method, json.dumps({kk: round(v, 2) for kk, v in point.items()}))
-        results["methods"][method] = {
-            "curve": curve,
-            "mean_steps": sum(steps) / len(steps),
-            "seconds_per_edit": seconds / len(cases),
-            "rows_written": rows if editor is not None else None,
-            "parameters_trained": (
-                sum(p.numel() for p in m.parameters())
-                if method == "ft-full"
-                else sum(p.numel() for i in engram_layers for p in m.model.layers[i].mlp.parameters())
-                if method == "ft-ffn"
-                else None
-            ),
-        }
-        if editor is not None:  # reverting every edit restores the model bit for bit
-            editor.revert_all()
-            results["methods"][method]["revert_bit_identical"] = all(
-                torch.equal(a, b) for a, b in zip(m.state_dict().values(), model.state_dict().values())
-            )
+        point = {"edits": k, **counterfact_scores(model, tok, scored[:k]), **probe.measure(model)}
+        before.append(point)
+    results["methods"]["unedited"] = {"curve": before}
+    plan = [
+        (n, min(args.ft_edits, len(cases)) if "ft" in METHODS[n] else len(cases)) for n in args.methods.split(",") if n
+    ]
+    plan += [(n, min(args.ablation_edits, len(cases))) for n in args.ablations.split(",") if n]
+    for name, n in plan:
+        cps = [k for k in checkpoints if k < n] + [n]
+
+        def partial(curve, name=name):
+            results["methods"][name] = {"curve": curve, "interrupted": True}
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2))
+
+        results["methods"][name] = run_method(
+            name, METHODS[name], model, tok, world, cases[:n], scored[:n], cps, probe, args, corpus_docs, partial
+        )
+        summary = {k: v for k, v in results["methods"][name].items() if k != "curve"}
+        print(name, json.dumps(summary))
+        if args.json:  # partial results survive an interrupted run
+            Path(args.json).write_text(json.dumps(results, indent=2))
     results["setting"] = {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": f"{device_name()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "threads": args.threads,
         "text": source,
+        "command": " ".join(sys.argv),
         "subjects": args.subjects,
+        "relations": list(world.relations),
         "facts": len(world.facts),
-        "facts_known": sum(known),
+        "facts_known": len(candidates),
         "edits": len(cases),
         "train_steps": args.train_steps,
         "train_seconds": train_seconds,
+        "model_from_cache": cached,
         "parameters": sum(p.numel() for p in model.parameters()),
         "table_rows": sum(e.num_table_rows for e in model.engram_layers().values()),
-        "corpus_positions_checked": sum(x.shape[1] for x in corpus_ids),
+        "corpus_documents_checked": len(probe.docs),
         "total_seconds": time.time() - started,
+        "date": time.strftime("%Y-%m-%d"),
     }
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     if args.plot:
         plot(results, args.plot)
-    summary = {k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in results["methods"].items()}
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(results["setting"], indent=2))
 
 
 def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = [
         ("efficacy", "efficacy: p(new) > p(true), %"),
-        ("generalisation", "generalisation (held-out paraphrases), %"),
-        ("specificity", "specificity (neighbours keep p(true) > p(new)), %"),
-        ("corpus_bit_identical", "corpus positions with bit-identical logits, %"),
-        ("heldout_bit_identical", "held-out text: positions bit-identical, %"),
+        ("generalisation_near", "generalisation, near paraphrases, %"),
+        ("generalisation_far", "generalisation, far paraphrases, %"),
+        ("specificity", "specificity: neighbours keep p(true) > p(new), %"),
+        ("specificity_top1", "neighbours' own object still greedy, %"),
+        ("related_top1", "edited subjects' other facts still greedy, %"),
+        ("untouched_bit_identical", "positions reading no edited row: bit-identical, %"),
+        ("corpus_bit_identical", "corpus positions bit-identical (full forward), %"),
         ("heldout_top1_agreement", "held-out text: top-1 unchanged, %"),
     ]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7.5), dpi=110)
-    for ax, (key, title) in zip(axes.flat, panels):
-        for name, r in results["methods"].items():
-            xs = [p["edits"] for p in r["curve"]]
-            style = dict(color="grey", ls=":") if name == "unedited" else dict(marker="o", ms=3)
-            ax.plot(xs, [p[key] for p in r["curve"]], label=name, **style)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("sequential edits")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(
-        f"Sequential counterfactual edits on a {results['setting']['parameters'] / 1e6:.1f}M-parameter EngramMoE "
-        f"({results['setting']['machine']})",
-        fontsize=10,
+    s = results["setting"]
+    plot_curves(
+        {k: v["curve"] for k, v in results["methods"].items()},
+        panels,
+        path,
+        f"{s['edits']} sequential counterfactual edits on a {s['parameters'] / 1e6:.1f}M-parameter EngramMoE "
+        f"({s['table_rows']:,} table rows; {s['machine']})",
     )
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 if __name__ == "__main__":

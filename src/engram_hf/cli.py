@@ -311,41 +311,10 @@ def _gates(args) -> int:
     return 0
 
 
-def _edit(args) -> int:
-    import json
+def _editor(args, model, tokenizer, corpus, templates=None):
+    from .editing import EngramEditor
 
-    from .editing import CorpusIndex, EditRequest, EngramEditor, evaluate_edit
-    from .training import read_texts
-    from .utils import claim_output_file
-
-    if args.out:
-        claim_output_file(args.out, "edit", overwrite=args.overwrite, inputs=[args.model])
-    if bool(args.requests) == (args.prompt is not None or args.target is not None):
-        raise UsageError("give --prompt and --target, or --requests FILE.jsonl (not both)")
-    if args.requests:
-        requests = []
-        for n, line in enumerate(open(args.requests, encoding="utf-8").read().splitlines(), 1):
-            if line.strip():
-                try:
-                    requests.append(EditRequest.coerce(json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise UsageError(f"{args.requests}:{n} is not valid JSON ({e})") from None
-    else:
-        if args.prompt is None or args.target is None:
-            raise UsageError("--prompt and --target go together")
-        requests = [
-            EditRequest(
-                args.prompt,
-                args.target,
-                paraphrases=args.paraphrase or [],
-                locality=args.locality or [],
-                true_target=args.true_target,
-                subject=args.subject,
-            )
-        ]
-    model, tokenizer = _load_for_editing(args)
-    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus, txt_lines=True)) if args.corpus else None
-    editor = EngramEditor(
+    return EngramEditor(
         model,
         tokenizer,
         positions=args.positions,
@@ -355,7 +324,40 @@ def _edit(args) -> int:
         lr=args.lr,
         corpus=corpus,
         preserve=args.preserve,
+        templates=templates,
+        prefixes=args.prefixes,
+        context_prob=args.context_prob,
     )
+
+
+def _edit(args) -> int:
+    import json
+
+    from .editing import CorpusIndex, EditRequest, evaluate_edit
+    from .training import read_texts
+    from .utils import claim_output_file
+
+    if bool(args.requests) == (args.prompt is not None or args.target is not None):
+        raise UsageError("give --prompt and --target, or --requests FILE.jsonl (not both)")
+    if args.requests:
+        return _edit_requests(args)
+    if args.out:
+        claim_output_file(args.out, "edit", overwrite=args.overwrite, inputs=[args.model])
+    if args.prompt is None or args.target is None:
+        raise UsageError("--prompt and --target go together")
+    requests = [
+        EditRequest(
+            args.prompt,
+            args.target,
+            paraphrases=args.paraphrase or [],
+            locality=args.locality or [],
+            true_target=args.true_target,
+            subject=args.subject,
+        )
+    ]
+    model, tokenizer = _load_for_editing(args)
+    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus, txt_lines=True)) if args.corpus else None
+    editor = _editor(args, model, tokenizer, corpus)
     result = editor.edit(requests)
     evaluation = evaluate_edit(model, tokenizer, result.patch, requests)
     if args.out:
@@ -371,6 +373,106 @@ def _edit(args) -> int:
             )
     if not result.converged:
         print("engram-hf edit: warning: the target did not reach --target-prob within --steps", file=sys.stderr)
+    return 0
+
+
+def _edit_requests(args) -> int:
+    """``edit --requests FILE``: one edit per request (or per --batch-size requests), one after another,
+    scored as they accumulate; patches, report.md, metrics.png and results.json in --out."""
+    import json
+    from pathlib import Path
+
+    from .editing import CorpusIndex, EngramPatch
+    from .editing.batch import checkpoints_for, load_requests, run_edits, write_report
+    from .editing.evaluate import exact_locality
+    from .training import read_texts
+    from .utils import claim_output_dir
+
+    if args.paraphrase or args.locality or args.true_target or args.subject:
+        raise UsageError("with --requests, give paraphrases, locality, true targets and subjects in the file")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    cases = load_requests(args.requests)
+    templates = None
+    if args.templates:
+        try:
+            templates = json.loads(Path(args.templates).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UsageError(f"cannot read --templates {args.templates} ({e})") from None
+    # The directory is claimed before any work: never the checkpoint or the requests, and a directory
+    # this command did not write only with --overwrite (the user's files in it are kept).
+    output = (
+        claim_output_dir(args.out, "edit", overwrite=args.overwrite, inputs=[args.model, args.requests])
+        if args.out
+        else None
+    )
+    model, tokenizer = _load_for_editing(args)
+    corpus = CorpusIndex(model, tokenizer, read_texts(args.corpus, txt_lines=True)) if args.corpus else None
+    editor = _editor(args, model, tokenizer, corpus, templates)
+    editor.progress = not args.json
+    run = run_edits(
+        editor, cases, args.batch_size, checkpoints_for(len(cases), args.checkpoints), progress=not args.json
+    )
+    stacked = EngramPatch.stack(editor.history)
+    # Locality, exactly: positions of the neighbour prompts and corpus texts that read no edited row.
+    corpus_texts = read_texts(args.corpus, txt_lines=True) if args.corpus else []
+    texts = list(dict.fromkeys([p for c in cases for p, _ in c.neighbours] + corpus_texts))
+    if texts:
+        run["exact"] = exact_locality(model, tokenizer, stacked, texts)
+    written = []
+    if output is not None:
+        settings = {
+            "model": str(args.model),
+            "requests": str(args.requests),
+            "batch_size": args.batch_size,
+            "templates": sorted(templates or {}),
+            "prefixes": args.prefixes,
+            "preserve": args.preserve,
+            "steps": args.steps,
+            "target_prob": args.target_prob,
+            "context_prob": args.context_prob,
+            "lr": args.lr,
+        }
+        title = f"engram-hf edit: {len(cases)} requests on {Path(args.model).name}"
+
+        def fill(tmp: Path) -> None:
+            names = []
+            if args.stack:
+                names.append(stacked.save(tmp / "patch.safetensors"))
+            else:
+                names += [p.save(tmp / "patches" / f"{i:05d}.safetensors") for i, p in enumerate(editor.history)]
+            names += write_report(tmp, run, title, settings, stacked)
+            written.extend(output.path / Path(n).relative_to(tmp) for n in names)
+
+        output.write(fill)
+    final = run["curve"][-1]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "final": final,
+                    "curve": run["curve"],
+                    "exact": run.get("exact"),
+                    "written": [str(p) for p in written],
+                },
+                indent=2,
+            )
+        )
+    else:
+        show = lambda x: "n/a" if x is None else f"{x:.1f}"
+        print(
+            f"{len(cases)} requests, {run['edit_seconds']:.1f} s: efficacy {show(final['efficacy'])}, greedy "
+            f"{show(final['efficacy_top1'])}, generalisation {show(final['generalisation'])}, specificity "
+            f"{show(final['specificity'])}"
+        )
+        if "exact" in run:
+            e = run["exact"]
+            print(
+                f"locality: {e['untouched_bit_identical']} of {e['untouched_positions']} untouched positions "
+                "bit-identical"
+            )
+        for p in written:
+            print(f"wrote {p}")
     return 0
 
 
@@ -688,10 +790,22 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--true-target", help="the current answer, for p(new) > p(true) scores")
     ed.add_argument("--subject", help="the entity, as written in the prompt: edit through its own n-grams' rows")
     ed.add_argument(
-        "--requests", help="a .jsonl file of requests {prompt, target, paraphrases, locality, true_target, subject}"
+        "--requests",
+        help="a .jsonl file of requests (flat {prompt, subject, target, true_target, relation, paraphrases, locality, "
+        "eval_paraphrases, neighbours} or CounterFact records), edited one after another with a progress bar",
     )
-    ed.add_argument("--out", help="write the patch here (.safetensors)")
-    overwrite_arg(ed, "replace an existing --out file")
+    ed.add_argument(
+        "--out",
+        help="the patch file (.safetensors); with --requests a directory: patches/ (or patch.safetensors with "
+        "--stack), report.md, metrics.png, results.json",
+    )
+    overwrite_arg(ed, "replace an existing --out file, or write into a --out directory this command did not write")
+    ed.add_argument("--batch-size", type=int, default=1, help="with --requests: requests per edit (1: sequential)")
+    ed.add_argument("--stack", action="store_true", help="with --requests: write one stacked patch, not one per edit")
+    ed.add_argument("--checkpoints", type=int, default=8, help="with --requests: points at which the edits are scored")
+    ed.add_argument("--templates", help="JSON {relation: ['{} is a citizen of', ...]}: phrasings to optimise under")
+    ed.add_argument("--prefixes", type=int, default=0, help="generated prefixes to optimise under (ROME's)")
+    ed.add_argument("--context-prob", type=float, default=0.5, help="probability templates and prefixed prompts reach")
     ed.add_argument(
         "--positions",
         choices=["auto", "subject", "needed", "target", "all"],

@@ -55,6 +55,22 @@ def read_json(path: str | os.PathLike, what: str = "file"):
         raise ValueError(f"{path} is not valid JSON (corrupt file?): {e}") from None
 
 
+def iter_jsonl_records(path: str | os.PathLike, error: type[Exception] = ValueError):
+    """``(line number, object)`` for each non-empty line of a JSON-lines file; a line that is not
+    valid JSON, or not a JSON object, raises ``error`` naming ``path:line``."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n} is not valid JSON: {e}") from None
+            if not isinstance(row, dict):
+                raise error(f"{path}:{n} is not a JSON object (got {type(row).__name__}).")
+            yield n, row
+
+
 def temp_sibling(target: Path, kind: str = "tmp") -> Path:
     """A fresh name beside ``target`` for a temp copy, tagged with this process (for crash cleanup)."""
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"

@@ -29,6 +29,22 @@ the objective as a KL term towards their pre-edit distribution (prompts that rea
 out, since they cannot change), and with a ``CorpusIndex`` and ``preserve=k`` up to ``k`` corpus
 contexts per edited row that hold a *different* n-gram (collateral, not the fact itself) are
 protected the same way.
+
+Reaching other phrasings. A subject's rows are read by every mention of the subject, so an edit
+through them can reach prompts that share no n-gram with the request's: if they are optimised to
+give the target in more than the one prompt. ``templates`` (relation -> phrasings with ``{}`` for
+the subject, CounterFact's form; requests name their ``relation``) and ``prefixes`` (ROME's random
+prefixes: short texts the model itself generates, put before the prompt and each template) add
+such *contexts* to the objective. They must give the target at ``context_prob``; the prompt and
+the request's own paraphrases at ``target_prob``. The rows of a context's last position are never
+edited (they are the relation's words, shared by every subject).
+
+Many facts at once. ``edit(requests)`` optimises every request's rows in one run (a batch edit, as
+MEMIT does); ``edit_many(requests, batch_size)`` applies batches one after another, each on top of
+the previous ones. Any applied patch whose rows no later patch changed can be reverted on its own
+(``revert``), in any such order. The editor works on every Engram table: EngramMoE models, models
+with Engram attached (the active adapter's tables), offloaded tables (served as an overlay) and
+FP8 tables (optimised through the rounding; a patch rewrites bytes and scales).
 """
 
 from __future__ import annotations
@@ -42,14 +58,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .patch import EngramPatch
+from .patch import EngramPatch, PatchMismatchError
 from .rows import (
     EditInputError,
     RowDecoder,
     RowSet,
     batch_ids,
+    canonical_ids,
     check_engram_model,
     encode,
+    greedy,
     model_device,
     pad_canonical,
     reachable,
@@ -66,7 +84,10 @@ class EditRequest:
     ``locality``: prompts whose predictions must not change (constrained where they read an edited row).
     ``true_target``: the current answer, if known: for CounterFact-style scores, p(target) > p(true).
     ``subject``: the entity the fact is about, as it is written in the prompt (and paraphrases). With
-    it the edit goes through the rows of the subject's own n-grams (see ``EngramEditor``).
+    it the edit goes through the rows of the subject's own n-grams (see ``EngramEditor``). A prompt
+    written as a CounterFact template (``"{} is a citizen of"``) has the subject filled in.
+    ``relation``: the relation's name (CounterFact's ``relation_id``): an editor given ``templates``
+    for it optimises the subject's rows under those phrasings too.
 
     The fields after ``target`` are keyword-only: given by position, a subject would be read as
     paraphrases (letter by letter). Every field's type is checked.
@@ -79,6 +100,9 @@ class EditRequest:
     locality: list[str] = field(default_factory=list)
     true_target: str | None = None
     subject: str | None = None
+    relation: str | None = None
+
+    FIELDS = ("prompt", "target", "paraphrases", "locality", "true_target", "subject", "relation")
 
     def __post_init__(self):
         for name in ("prompt", "target"):
@@ -89,17 +113,20 @@ class EditRequest:
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 raise EditInputError(f"An edit request's {name} must be a list of strings, got {value!r}.")
             setattr(self, name, list(value))
-        for name in ("true_target", "subject"):
+        for name in ("true_target", "subject", "relation"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise EditInputError(f"An edit request's {name} must be a string or None, got {value!r}.")
+        if self.subject is not None:
+            self.prompt = self.prompt.replace("{}", self.subject)
+            self.paraphrases = [p.replace("{}", self.subject) for p in self.paraphrases]
 
     @classmethod
     def coerce(cls, x) -> EditRequest:
         if isinstance(x, EditRequest):
             return x
         if isinstance(x, dict):
-            unknown = set(x) - {"prompt", "target", "paraphrases", "locality", "true_target", "subject"}
+            unknown = set(x) - set(cls.FIELDS)
             if unknown:
                 raise EditInputError(f"Unknown edit request field(s) {sorted(unknown)}.")
             if "prompt" not in x or "target" not in x:
@@ -114,6 +141,22 @@ class EditRequest:
 
 
 @dataclass
+class _Seq:
+    """One sequence an edit optimises: context + target ids."""
+
+    ids: list[int]
+    first: int  # index of the first target token
+    subject: list[int] | None  # the subject's token positions, if the request names one
+    exact: bool  # the prompt or a paraphrase: must reach target_prob (else a context: context_prob)
+    widen: bool = True  # its last position's rows may be added when the subject's are not enough
+    prefixed: bool = False  # a generated prefix stands before it
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        return tuple(self.ids)
+
+
+@dataclass
 class _Encoded:
     request: EditRequest
     prompt_ids: list[int]
@@ -121,11 +164,14 @@ class _Encoded:
     paraphrase_ids: list[list[int]]
     locality_ids: list[list[int]]
     true_ids: list[int] | None
-    subject_positions: list[list[int] | None]  # per sequence (prompt, paraphrases): the subject's tokens
+    seqs: list[_Seq]  # the prompt, the paraphrases, then the contexts (templates, prefixed)
 
-    def sequences(self) -> list[tuple[list[int], int]]:
-        """(prompt + target ids, index of the first target token) for the prompt and each paraphrase."""
-        return [(p + self.target_ids, len(p)) for p in [self.prompt_ids, *self.paraphrase_ids]]
+    def sequences(self) -> list[_Seq]:
+        return self.seqs
+
+    def exact(self) -> list[_Seq]:
+        """The prompt and the paraphrases (unprefixed): what the report's probabilities are of."""
+        return self.seqs[: 1 + len(self.paraphrase_ids)]
 
 
 @dataclass
@@ -143,6 +189,8 @@ class RequestReport:
     locality: list[dict]
     success: bool  # the target is the greedy completion after the edit
     corpus: dict | None = None  # exact blast radius on the corpus index, and colliding contexts
+    converged: bool = True  # every target (and context) reached the probability asked for
+    widened: bool = False  # the subject's rows were not enough: the last position's rows were added
 
 
 @dataclass
@@ -276,13 +324,21 @@ class EngramEditor:
       ``edit_keys`` (also train ``key_proj``: dense, loses the exact blast radius).
     * ``lr`` (Adam on the rows), ``key_lr``, ``max_steps``, ``target_prob`` (stop once every target
       token of every prompt and paraphrase has this probability; 0.5 or more makes it greedy).
+    * ``templates`` (relation -> phrasings, ``{}`` for the subject) and ``prefixes`` (how many
+      generated prefixes, ``prefix_tokens`` long in turn): contexts the target must follow in too,
+      at ``context_prob`` (see the module docstring).
     * ``locality_weight`` (KL towards the pre-edit predictions of locality prompts and preserved
       contexts that read an edited row), ``corpus`` (a ``CorpusIndex``: the exact blast radius),
       ``preserve`` (corpus readers per edited row to protect), ``preserve_window`` (their context),
       ``settle_steps`` (once the targets are met, further steps that may lower that KL; the best
       state still meeting every target is kept).
     * ``keep_previous``: earlier edits of this editor whose prompts read a row this edit changes stay
-      in the objective, so a later edit cannot undo them.
+      in the objective, so a later edit cannot undo them; at most ``max_kept`` of them (the ones
+      closest to losing their target), so that an edit's cost stays bounded over thousands of edits
+      (``None``: all).
+    * ``keep_related``: with ``templates``, the subject's *other* relations, in their templates, keep
+      their predictions (a KL term, like locality prompts): an edit of one fact about a subject
+      leaves what the model says of its other facts.
     """
 
     def __init__(
@@ -298,16 +354,22 @@ class EngramEditor:
         key_lr: float = 1e-3,
         max_steps: int = 200,
         target_prob: float = 0.9,
+        templates: dict[str, list[str]] | None = None,
+        prefixes: int = 0,
+        prefix_tokens: tuple[int, ...] = (5, 10),
+        context_prob: float = 0.5,
         locality_weight: float = 1.0,
         corpus=None,
         preserve: int = 0,
         preserve_window: int = 16,
         settle_steps: int = 10,
         keep_previous: bool = True,
+        max_kept: int | None = 64,
+        keep_related: bool = True,
         seed: int = 0,
         progress: bool = True,
     ):
-        check_engram_model(model)
+        model = check_engram_model(model)
         if positions not in ("auto", "needed", "subject", "target", "all"):
             raise ValueError(f"positions must be 'auto', 'needed', 'subject', 'target' or 'all', got {positions!r}.")
         n = model.hash_contract.max_ngram_size
@@ -322,28 +384,69 @@ class EngramEditor:
             bad = [x for x in layers if x not in all_layers]
             if bad or not layers:
                 raise ValueError(f"layers must be Engram layers of this model ({all_layers}), got {list(layers)}.")
-        if not 0.0 < target_prob < 1.0:
-            raise ValueError(f"target_prob must be in (0, 1), got {target_prob}.")
+        for name, p in (("target_prob", target_prob), ("context_prob", context_prob)):
+            if not 0.0 < p < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {p}.")
         if max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
         if preserve and corpus is None:
             raise ValueError("preserve=k protects corpus contexts: pass corpus=CorpusIndex(...) too.")
+        if prefixes < 0 or not prefix_tokens or min(prefix_tokens) < 1:
+            raise ValueError(f"prefixes must be >= 0 and prefix_tokens positive, got {prefixes}, {prefix_tokens}.")
+        self.templates = _check_templates(templates)
         if corpus is not None:
             corpus.check_model(model)
         self.model, self.tokenizer = model, tokenizer
         self.positions, self.orders, self.layers = positions, orders, layers or tuple(all_layers)
         self.edit_keys, self.lr, self.key_lr = edit_keys, lr, key_lr
         self.max_steps, self.target_prob, self.locality_weight = max_steps, target_prob, locality_weight
+        self.prefixes, self.prefix_tokens, self.context_prob = prefixes, tuple(prefix_tokens), context_prob
         self.corpus, self.preserve, self.preserve_window = corpus, preserve, preserve_window
-        self.settle_steps, self.keep_previous = settle_steps, keep_previous
+        self.settle_steps, self.keep_previous, self.keep_related = settle_steps, keep_previous, keep_related
+        if max_kept is not None and max_kept < 1:
+            raise ValueError(f"max_kept must be >= 1 or None, got {max_kept}.")
+        self.max_kept = max_kept
         self.seed, self.progress = seed, progress
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.decoder = RowDecoder(model)
         self.history: list[EngramPatch] = []  # patches this editor applied, in order
-        self._history_seqs: list[list[tuple[list[int], int]]] = []  # each applied edit's (ids, first target)
-        self._needed: dict[tuple, list[int]] = {}  # "needed" positions per sequence, for one edit
-        self._widen = False  # subject edits: also the rows of the prompt's last position
+        self._history_seqs: list[list[_Seq]] = []  # each applied edit's sequences (no prefixed ones)
+        self._needed: dict[tuple, list[int]] = {}  # per sequence, the target positions it cannot continue
+        self._prefix_texts: list[str] | None = None
+        self._widen: set[int] = set()  # requests whose prompts' last-position rows are edited too
 
-    # ------------------------------------------------------------------ requests → rows
+    # ------------------------------------------------------------------ requests → sequences → rows
+    def prefix_texts(self) -> list[str]:
+        """The generated prefixes (``prefixes`` of them): sampled from the model once, top-k 20, from
+        its BOS token (else ``"The"``), a function of ``seed``."""
+        if self._prefix_texts is None:
+            self._prefix_texts = self._generate_prefixes() if self.prefixes else []
+        return self._prefix_texts
+
+    @torch.no_grad()
+    def _generate_prefixes(self) -> list[str]:
+        tok, dev = self.tokenizer, model_device(self.model)
+        start = [tok.bos_token_id] if tok.bos_token_id is not None else encode(tok, "The", self.model, "prefix", False)
+        banned = torch.tensor(sorted(set(getattr(tok, "all_special_ids", []) or [])), dtype=torch.long)
+        g = torch.Generator().manual_seed(self.seed)
+        out: list[str] = []
+        for length in sorted(set(self.prefix_tokens)):
+            count = sum(1 for i in range(self.prefixes) if self.prefix_tokens[i % len(self.prefix_tokens)] == length)
+            if not count:
+                continue
+            x = torch.tensor([start] * count, device=dev)
+            for _ in range(length):
+                logits = self.model(x, use_cache=False).logits[:, -1].float().cpu()
+                if banned.numel():
+                    logits[:, banned[banned < logits.shape[-1]]] = -math.inf
+                top = logits.topk(min(20, logits.shape[-1]), dim=-1)
+                pick = torch.multinomial(top.values.softmax(-1), 1, generator=g)
+                x = torch.cat([x, top.indices.gather(-1, pick).to(dev)], dim=1)
+            for row in x[:, len(start) :].tolist():
+                text = " ".join(tok.decode(row).split()).rstrip(" .")
+                out.append(text + ". " if text else "")
+        return out
+
     def _encode(self, requests) -> list[_Encoded]:
         if isinstance(requests, (EditRequest, dict)):
             requests = [requests]
@@ -353,69 +456,109 @@ class EngramEditor:
         out = []
         tok, m = self.tokenizer, self.model
         for r in requests:
+            target = encode(tok, r.target, m, "target", special_tokens=False)
+            texts = [(r.prompt, "prompt", True), *[(p, "paraphrase", True) for p in r.paraphrases]]
+            if r.relation is not None and r.relation in self.templates and r.subject is not None:
+                given = {r.prompt, *r.paraphrases}
+                filled = dict.fromkeys(t.replace("{}", r.subject) for t in self.templates[r.relation])
+                texts += [(t, f"template of {r.relation!r}", False) for t in filled if t not in given]
+            seqs = []
+            for text, what, exact in texts:
+                ids = encode(tok, text, m, what)
+                subject = _subject_positions(tok, text, r.subject, what) if r.subject is not None else None
+                seqs.append(_Seq(ids + target, len(ids), subject, exact, widen=exact))
+            bases = [(r.prompt, True)] + [(t, False) for t, _, exact in texts if not exact]
+            for prefix in self.prefix_texts():
+                for text, widen in bases:
+                    full = prefix + text
+                    ids = encode(tok, full, m, "prefixed prompt")
+                    subject = _subject_positions(tok, full, r.subject, "prefixed prompt") if r.subject else None
+                    seqs.append(_Seq(ids + target, len(ids), subject, False, widen=widen, prefixed=True))
             out.append(
                 _Encoded(
                     r,
-                    encode(tok, r.prompt, m, "prompt"),
-                    encode(tok, r.target, m, "target", special_tokens=False),
-                    [encode(tok, p, m, "paraphrase") for p in r.paraphrases],
+                    seqs[0].ids[: seqs[0].first],
+                    target,
+                    [s.ids[: s.first] for s in seqs[1 : 1 + len(r.paraphrases)]],
                     [encode(tok, p, m, "locality prompt") for p in r.locality],
                     encode(tok, r.true_target, m, "true target", special_tokens=False) if r.true_target else None,
-                    [
-                        _subject_positions(tok, text, r.subject, what) if r.subject is not None else None
-                        for text, what in [(r.prompt, "prompt"), *[(p, "paraphrase") for p in r.paraphrases]]
-                    ],
+                    seqs,
                 )
             )
         return out
 
+    def sequences(self, requests) -> list[list[tuple[list[int], int, bool]]]:
+        """Per request, the sequences an edit of it optimises: (context + target ids, index of the first
+        target token, whether it must reach ``target_prob`` (the prompt, paraphrases) or
+        ``context_prob`` (templates, prefixed)). For baselines that should see the same data."""
+        return [[(s.ids, s.first, s.exact) for s in enc.seqs] for enc in self._encode(requests)]
+
     @torch.no_grad()
-    def _edit_sites(self, seq: list[int], first_target: int, subject: list[int] | None = None) -> dict[int, int]:
-        """Where rows are edited in ``seq`` = prompt + target (``first_target`` = its index; ``subject``:
-        the subject's token positions, if the request names one): position -> the earliest position
-        an edited n-gram may start at (0: every n-gram ending there)."""
+    def _find_needed(self, encoded: list[_Encoded]) -> None:
+        """For every sequence: the target positions after the first whose next target token the model
+        does not already give ``target_prob`` (" Toul" -> "indish" usually has it). Batched."""
+        todo = list({s.key: s for enc in encoded for s in enc.seqs if s.key not in self._needed}.values())
+        dev = model_device(self.model)
+        for i in range(0, len(todo), 256):
+            chunk = todo[i : i + 256]
+            ids, mask = batch_ids([s.ids for s in chunk], self.pad_id)
+            logp = self.model(ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float()
+            logp = logp.log_softmax(-1).cpu()
+            for b, s in enumerate(chunk):
+                t = torch.arange(s.first, len(s.ids) - 1)
+                p = logp[b, t, torch.tensor(s.ids[s.first + 1 :], dtype=torch.long)].exp()
+                self._needed[s.key] = [int(x) for x, q in zip(t.tolist(), p.tolist()) if q < self.target_prob]
+
+    def _edit_sites(self, seq: _Seq, widen: bool = False) -> dict[int, int]:
+        """Where rows are edited in ``seq``: position -> the earliest position an edited n-gram may
+        start at (0: every n-gram ending there)."""
         mode = self.positions
         if mode == "auto":
-            mode = "subject" if subject is not None else "needed"
+            mode = "subject" if seq.subject is not None else "needed"
+        ids, first = seq.ids, seq.first
         if mode == "all":
-            return dict.fromkeys(range(0, len(seq) - 1), 0)
-        predicting = list(range(first_target - 1, len(seq) - 1))
+            return dict.fromkeys(range(0, len(ids) - 1), 0)
+        predicting = list(range(first - 1, len(ids) - 1))
         if mode == "target":
             return dict.fromkeys(predicting, 0)
-        # Target positions whose next target token the model does not already give target_prob
-        # (e.g. "indish" after " Toul" usually is): their rows are edited too.
-        key = tuple(seq)
-        if key not in self._needed:
-            logits = self.model(torch.tensor([seq], device=model_device(self.model)), use_cache=False).logits[0]
-            probs = logits.float().softmax(-1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])].cpu()
-            self._needed[key] = [t for t in predicting[1:] if float(probs[t]) < self.target_prob]
-        needed = dict.fromkeys(self._needed[key], 0)
+        if seq.key not in self._needed:
+            self._find_needed([_Encoded(None, [], [], [], [], None, [seq])])
         if mode == "needed":
-            return {predicting[0]: 0, **needed}
-        if subject is None:
+            needed = dict.fromkeys(self._needed[seq.key], 0)
+            return {predicting[0]: 0, **needed} if seq.widen else needed
+        if seq.subject is None:
             raise EditInputError("positions='subject' needs requests that name their subject (subject=...).")
         # The subject's own n-grams: those lying inside its tokens; for a one-token subject, those
         # ending on it (n-grams reaching back into the prompt are shared by every subject there).
-        s0, s1 = min(subject), max(subject)
+        # At target positions the model cannot continue, the n-grams lying inside the target: the
+        # object's own (an n-gram reaching back into the prompt, " is"+" Z", is every answer's
+        # that starts the same way).
+        s0, s1 = min(seq.subject), max(seq.subject)
         sites = dict.fromkeys(range(s0 + 1, s1 + 1), s0) if s1 > s0 else {s1: 0}
-        if self._widen:  # the subject's rows alone did not reach the target: add the last position's
+        needed = dict.fromkeys(self._needed[seq.key], first)
+        if widen and seq.widen:
+            # The subject's rows alone did not reach the target: add the last position's, and every
+            # n-gram of the target positions.
             sites[predicting[0]] = 0
+            needed = dict.fromkeys(needed, 0)
         return {**sites, **needed}
 
-    def _request_rows(self, enc: _Encoded) -> tuple[RowSet, list[dict]]:
+    def _request_rows(self, enc: _Encoded, widen: bool = False) -> tuple[RowSet, list[dict]]:
         """The rows this request edits, and the n-grams they hold (for the report)."""
         rows: dict[int, list[int]] = {}
         grams, seen = [], set()
         dev = model_device(self.model)
         pad = pad_canonical(self.model)
-        for (seq, first), subject in zip(enc.sequences(), enc.subject_positions):
-            ids = torch.tensor([seq], device=dev)
-            hit = self.model.engram_row_ids(ids)
-            strings = token_strings(self.tokenizer, seq)
-            canon = _canonical(self.model, seq)
+        seqs = enc.seqs
+        ids, mask = batch_ids([s.ids for s in seqs], self.pad_id)
+        hits = {layer: r.cpu() for layer, r in self.model.engram_row_ids(ids.to(dev), mask.to(dev)).items()}
+        canons = canonical_ids(self.model, ids.to(dev), mask.to(dev))
+        for b, seq in enumerate(seqs):
+            sites = self._edit_sites(seq, widen)
+            strings = None
             for layer in self.layers:
-                r = hit[layer][0].cpu()
-                for t, earliest in self._edit_sites(seq, first, subject).items():
+                r = hits[layer][b]
+                for t, earliest in sites.items():
                     for head, row in enumerate(r[t].tolist()):
                         order = self.decoder.order_of_head(head)
                         if (self.orders is not None and order not in self.orders) or t - order + 1 < earliest:
@@ -423,9 +566,11 @@ class EngramEditor:
                         rows.setdefault(layer, []).append(row)
                         if (layer, row) not in seen:
                             seen.add((layer, row))
+                            strings = strings or token_strings(self.tokenizer, seq.ids)
                             span = range(t - order + 1, t + 1)
                             gram = ["<start>" if p < 0 else strings[p] for p in span]
-                            cgram = [pad if p < 0 else canon[p] for p in span]
+                            cgram = [pad if p < 0 else int(canons[b, p]) for p in span]
+                            at_subject = seq.subject is not None and t in seq.subject
                             grams.append(
                                 {
                                     "layer": layer,
@@ -434,7 +579,7 @@ class EngramEditor:
                                     "row": row,
                                     "ngram": gram,
                                     "canonical": cgram,
-                                    "at": "subject" if subject is not None and t in subject else "prediction",
+                                    "at": "subject" if at_subject else "prediction",
                                 }
                             )
         rowset = RowSet({k: torch.tensor(v) for k, v in rows.items()})
@@ -450,6 +595,7 @@ class EngramEditor:
         and, with a corpus index, the exact blast radius."""
         self._needed = {}
         encoded = self._encode(requests)
+        self._find_needed(encoded)
         out = []
         for enc in encoded:
             rowset, grams = self._request_rows(enc)
@@ -460,35 +606,29 @@ class EngramEditor:
         return {"requests": out}
 
     # ------------------------------------------------------------------ scoring
-    def _target_logprobs(self, logits, seqs, ids) -> list[torch.Tensor]:
+    def _target_logprobs(self, logits, seqs: list[_Seq], ids) -> list[torch.Tensor]:
         logp = logits.float().log_softmax(-1)
         out = []
-        for b, (seq, first) in enumerate(seqs):
-            pos = torch.arange(first - 1, len(seq) - 1, device=logp.device)
+        for b, seq in enumerate(seqs):
+            pos = torch.arange(seq.first - 1, len(seq.ids) - 1, device=logp.device)
             out.append(logp[b, pos, ids[b, pos + 1]])
         return out
 
-    @torch.no_grad()
-    def _greedy(self, ids: list[int], n: int) -> list[int]:
-        dev = model_device(self.model)
-        x = torch.tensor([ids], device=dev)
-        for _ in range(n):
-            nxt = self.model(x, use_cache=False).logits[0, -1].argmax()
-            x = torch.cat([x, nxt.view(1, 1)], dim=1)
-        return x[0, len(ids) :].tolist()
+    def _met(self, seq: _Seq, lp: torch.Tensor) -> bool:
+        return bool((lp >= math.log(self.target_prob if seq.exact else self.context_prob)).all())
 
     @torch.no_grad()
     def _probs(self, encoded: list[_Encoded]) -> list[list[float]]:
         """p(target) (product over its tokens) for every request's prompt and paraphrases."""
-        seqs = [s for enc in encoded for s in enc.sequences()]
-        ids, mask = batch_ids([s for s, _ in seqs], self.tokenizer.pad_token_id or 0)
+        seqs = [s for enc in encoded for s in enc.exact()]
+        ids, mask = batch_ids([s.ids for s in seqs], self.pad_id)
         dev = model_device(self.model)
         ids, mask = ids.to(dev), mask.to(dev)
         lp = self._target_logprobs(self.model(ids, attention_mask=mask, use_cache=False).logits, seqs, ids)
         probs = [float(x.sum().exp()) for x in lp]
         out, i = [], 0
         for enc in encoded:
-            k = 1 + len(enc.paraphrase_ids)
+            k = len(enc.exact())
             out.append(probs[i : i + k])
             i += k
         return out
@@ -496,35 +636,42 @@ class EngramEditor:
     # ------------------------------------------------------------------ editing
     def edit(self, requests, apply: bool = True) -> EditResult:
         """Edit the model so each request's prompt continues with its target; returns an ``EditResult``
-        whose ``patch`` is applied (unless ``apply=False``) and recorded in ``history``.
+        whose ``patch`` is applied (unless ``apply=False``) and recorded in ``history``. Several
+        requests are one batch edit: their rows are optimised together, into one patch.
 
         With ``positions="auto"`` and requests that name their subject, the subject's own rows are
-        tried first; if they cannot reach ``target_prob`` within ``max_steps``, the rows of the
-        prompt's last position are added and the optimisation goes on from where it stopped."""
+        tried first; for a request they cannot bring to ``target_prob`` within ``max_steps``, the rows
+        of its prompt's last position are added and the optimisation goes on from where it stopped."""
         started = time.perf_counter()
         model = self.model
         self._needed = {}
         encoded = self._encode(requests)
+        self._find_needed(encoded)
         prob_before = self._probs(encoded)
         locality_before = self._last_logprobs(encoded)
-        greedy_before = [self._greedy(enc.prompt_ids, len(enc.target_ids)) for enc in encoded]
-        stages = [False]
-        if self.positions == "auto" and any(enc.request.subject is not None for enc in encoded):
-            stages = [False, True]
+        greedy_before = greedy(model, [enc.prompt_ids for enc in encoded], [len(e.target_ids) for e in encoded])
         values: dict[tuple[int, int], torch.Tensor] = {}  # (layer, row) -> value reached so far
         total_steps = 0
-        for widen in stages:
-            self._widen = widen
-            per_request = [self._request_rows(enc) for enc in encoded]
+        self._widen = set()
+        while True:
+            per_request = [self._request_rows(enc, i in self._widen) for i, enc in enumerate(encoded)]
             rowset = RowSet()
             for rs, _ in per_request:
                 rowset = rowset.union(rs)
-            free, key_new, steps, converged, kept = self._optimise(encoded, rowset, per_request, values)
+            free, key_new, steps, done, kept = self._optimise(encoded, rowset, per_request, values)
             total_steps += steps
             values = {(layer, int(r)): v for layer in free for r, v in zip(rowset.rows[layer], free[layer])}
-            if converged:
+            widen = {
+                i
+                for i, (enc, d) in enumerate(zip(encoded, done))
+                if not d and enc.request.subject is not None and self.positions == "auto"
+            }
+            if all(done) or not widen - self._widen:
                 break
-        self._widen = False
+            self._widen |= widen
+        converged = all(done)
+        widened = sorted(self._widen)
+        self._widen = set()
         steps = total_steps
 
         new_values = {layer: (rowset.rows[layer], free[layer]) for layer in rowset.rows}
@@ -532,7 +679,7 @@ class EngramEditor:
         patch.apply(model)
         prob_after = self._probs(encoded)
         locality_after = self._last_logprobs(encoded)
-        greedy_after = [self._greedy(enc.prompt_ids, len(enc.target_ids)) for enc in encoded]
+        greedy_after = greedy(model, [enc.prompt_ids for enc in encoded], [len(e.target_ids) for e in encoded])
         reports = []
         for i, enc in enumerate(encoded):
             rs, grams = per_request[i]
@@ -558,6 +705,8 @@ class EngramEditor:
                     locality=locality,
                     success=greedy_after[i] == enc.target_ids,
                     corpus=corpus,
+                    converged=done[i],
+                    widened=i in widened,
                 )
             )
         patch.requests = [
@@ -574,24 +723,55 @@ class EngramEditor:
                 "edit_keys": self.edit_keys,
                 "lr": self.lr,
                 "target_prob": self.target_prob,
+                "context_prob": self.context_prob,
+                "templates": sorted(self.templates),
+                "prefixes": self.prefixes,
                 "locality_weight": self.locality_weight,
                 "preserve": self.preserve,
             },
         }
         patch.info["kept_previous"] = len(kept)
-        patch.info["widened"] = widen
+        patch.info["widened"] = bool(widened)
         if apply:
             self.history.append(patch)
-            self._history_seqs.append([s for enc in encoded for s in enc.sequences()])
+            self._history_seqs.append([s for enc in encoded for s in enc.seqs if not s.prefixed])
         else:
             patch.revert(model)
-        return EditResult(patch, reports, steps, converged, time.perf_counter() - started, apply, len(kept), widen)
+        seconds = time.perf_counter() - started
+        return EditResult(patch, reports, steps, converged, seconds, apply, len(kept), bool(widened))
+
+    def edit_many(self, requests, batch_size: int = 1, callback=None, progress: bool | None = None) -> list[EditResult]:
+        """Apply ``requests`` in batches of ``batch_size`` (1: one sequential edit per request), each
+        batch edited on top of the ones before it; returns one ``EditResult`` per batch (its patch
+        applied and in ``history``). ``callback(done, result)`` runs after each batch, ``done``
+        requests applied so far. A progress bar counts requests."""
+        requests = [EditRequest.coerce(r) for r in requests]
+        if not requests:
+            raise EditInputError("No edit requests: give at least one (prompt, target).")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        show = self.progress if progress is None else progress
+        bar = tqdm(total=len(requests), desc="edits", unit="edit", disable=not show, mininterval=1.0)
+        results, inner = [], self.progress
+        self.progress = False  # one bar: the edits, not each optimisation's steps
+        try:
+            for start in range(0, len(requests), batch_size):
+                result = self.edit(requests[start : start + batch_size])
+                results.append(result)
+                bar.update(len(result.requests))
+                bar.set_postfix(converged=f"{sum(r.converged for r in results)}/{len(results)}", refresh=False)
+                if callback is not None:
+                    callback(start + len(result.requests), result)
+        finally:
+            self.progress = inner
+            bar.close()
+        return results
 
     def _optimise(self, encoded, rowset: RowSet, per_request, start: dict):
         """Adam on ``rowset``'s rows (and the gate keys with ``edit_keys``), every other parameter
         frozen. ``start``: values to begin from, by (layer, row); the table's otherwise. Returns the
-        rows' values, the new gate keys, steps, whether every target was met, and the kept earlier
-        edits."""
+        rows' values, the new gate keys, steps, per request whether its targets were met, and the
+        kept earlier edits' sequences."""
         model, dev = self.model, model_device(self.model)
         engrams = model.engram_layers()
         free = {}
@@ -610,14 +790,22 @@ class EngramEditor:
                 for p in engrams[layer].key_proj.parameters():
                     key_params[_param_name(model, p)] = p
         key_start = {n: p.detach().clone() for n, p in key_params.items()}
-        constraints = self._constraints(encoded, rowset, [g for _, grams in per_request for g in grams])
+        constraint = self._constraints(encoded, rowset, [g for _, grams in per_request for g in grams])
         kept = self._previous_to_keep(encoded, rowset) if self.keep_previous else []
 
-        seqs = [s for enc in encoded for s in enc.sequences()] + kept
-        owner = [i for i, enc in enumerate(encoded) for _ in enc.sequences()]
+        seqs = [s for enc in encoded for s in enc.seqs] + kept
+        owner = [i for i, enc in enumerate(encoded) for _ in enc.seqs]
         owner += list(range(len(encoded), len(encoded) + len(kept)))
-        ids, mask = batch_ids([s for s, _ in seqs], self.tokenizer.pad_token_id or 0)
+        n_groups = len(encoded) + len(kept)
+        # One forward per step: the sequences to move, then the constrained ones (right-padded alike).
+        id_lists = [s.ids for s in seqs] + (constraint["ids"] if constraint else [])
+        ids, mask = batch_ids(id_lists, self.pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
+        n_seqs = len(seqs)
+        if constraint:  # the constrained positions, in the joint batch's width
+            reach = torch.zeros((len(constraint["ids"]), ids.shape[1]), dtype=torch.bool, device=dev)
+            reach[:, : constraint["reach"].shape[1]] = constraint["reach"]
+            constraint = {**constraint, "reach": reach}
 
         requires = {n: p.requires_grad for n, p in model.named_parameters()}
         groups = [{"params": list(free.values()), "lr": self.lr}]
@@ -625,8 +813,8 @@ class EngramEditor:
             groups.append({"params": list(key_params.values()), "lr": self.key_lr})
         optimizer = torch.optim.Adam(groups)
         torch.manual_seed(self.seed)
-        log_target = math.log(self.target_prob)
-        steps, converged = 0, False
+        steps = 0
+        done = [False] * len(encoded)
         was_training = model.training
         model.eval()
         try:
@@ -640,10 +828,16 @@ class EngramEditor:
             for step in bar:
                 with override.active():
                     logits = model(ids, attention_mask=mask, use_cache=False).logits
-                    lp = self._target_logprobs(logits, seqs, ids)
-                    kl = self._constraint_loss(constraints) if constraints else None
-                    if all(bool((x >= log_target).all()) for x in lp):
-                        converged = True
+                    lp = self._target_logprobs(logits[:n_seqs], seqs, ids[:n_seqs])
+                    kl = None
+                    if constraint:
+                        logp = logits[n_seqs:].float().log_softmax(-1)[constraint["reach"]]
+                        kl = F.kl_div(logp, constraint["ref"], log_target=True, reduction="batchmean")
+                    met = [True] * n_groups
+                    for o, seq, x in zip(owner, seqs, lp):
+                        met[o] = met[o] and self._met(seq, x)
+                    done = met[: len(encoded)]
+                    if all(met):
                         if kl is None:
                             break
                         # Targets met: keep going a few steps to pull the protected contexts back,
@@ -655,7 +849,7 @@ class EngramEditor:
                             break
                     if step == self.max_steps:
                         break
-                    per_req = [[] for _ in range(len(encoded) + len(kept))]
+                    per_req = [[] for _ in range(n_groups)]
                     for o, x in zip(owner, lp):
                         per_req[o].append(-x.mean())
                     loss = torch.stack([torch.stack(x).mean() for x in per_req]).mean()
@@ -666,6 +860,7 @@ class EngramEditor:
                 steps += 1
                 bar.set_postfix(nll=f"{loss.item():.3f}", refresh=False)
             if best is not None:
+                done = [True] * len(encoded)
                 with torch.no_grad():
                     for p, v in zip(self._free_params(free, key_params), best[1]):
                         p.copy_(v)
@@ -677,73 +872,137 @@ class EngramEditor:
                 for n, p in key_params.items():
                     p.copy_(key_start[n])  # the patch writes them (or not), like the rows
             model.train(was_training)
-        return {k: v.detach() for k, v in free.items()}, key_new, steps, converged, kept
+        return {k: v.detach() for k, v in free.items()}, key_new, steps, done, kept
 
     @staticmethod
     def _free_params(free: dict, key_params: dict) -> list[torch.Tensor]:
         return [*free.values(), *key_params.values()]
 
+    # ------------------------------------------------------------------ undo
     def undo(self) -> EngramPatch:
         """Revert the last patch this editor applied (bit-identical to before it); returns it."""
         if not self.history:
             raise ValueError("Nothing to undo: this editor has applied no patch.")
-        patch = self.history[-1]
-        patch.revert(self.model)
-        self.history.pop()
-        self._history_seqs.pop()
-        return patch
+        return self.revert(len(self.history) - 1)
 
     def revert_all(self) -> None:
         while self.history:
             self.undo()
 
+    def revertible(self) -> list[int]:
+        """Indices into ``history`` of the patches that can be reverted now: those whose rows (and
+        dense parameters) no later applied patch changed."""
+        latest: dict[int, torch.Tensor] = {}  # per layer: for each row, the last patch that wrote it
+        for layer in {layer for p in self.history for layer in p.rows}:
+            rows = [(p.rows[layer], i) for i, p in enumerate(self.history) if layer in p.rows]
+            flat = torch.cat([r for r, _ in rows])
+            owner = torch.cat([torch.full_like(r, i) for r, i in rows])
+            unique, inverse = torch.unique(flat, return_inverse=True)
+            last = torch.full(unique.shape, -1, dtype=torch.long).scatter_reduce(0, inverse, owner, "amax")
+            latest[layer] = (unique, last)
+        dense_last = {name: i for i, p in enumerate(self.history) for name in p.dense_new}
+        out = []
+        for i, p in enumerate(self.history):
+            ok = all(dense_last[n] == i for n in p.dense_new)
+            for layer, r in p.rows.items():
+                unique, last = latest[layer]
+                ok = ok and bool((last[torch.searchsorted(unique, r)] == i).all())
+            if ok:
+                out.append(i)
+        return out
+
+    def revert(self, patch) -> EngramPatch:
+        """Revert one applied patch (an ``EngramPatch`` of ``history`` or its index), restoring its rows
+        bit-identically, if no later patch changed any of them (``revertible()``); returns it."""
+        index = patch if isinstance(patch, int) else next((i for i, p in enumerate(self.history) if p is patch), None)
+        if index is None or not -len(self.history) <= index < len(self.history):
+            raise ValueError("That patch is not one this editor applied (see editor.history).")
+        index %= len(self.history)
+        if index not in self.revertible():
+            later = [
+                j for j in range(index + 1, len(self.history)) if _shares_rows(self.history[index], self.history[j])
+            ]
+            raise PatchMismatchError(
+                f"Patch {index} cannot be reverted yet: later patches {later} changed some of its rows; revert "
+                "those first."
+            )
+        patch = self.history[index]
+        patch.revert(self.model)
+        del self.history[index]
+        del self._history_seqs[index]
+        return patch
+
     @torch.no_grad()
-    def _previous_to_keep(self, encoded: list[_Encoded], rowset: RowSet) -> list[tuple[list[int], int]]:
+    def _previous_to_keep(self, encoded: list[_Encoded], rowset: RowSet) -> list[_Seq]:
         """Sequences of this editor's earlier edits that read a row this edit changes and still give
         their target: they join the objective, so this edit keeps them. An earlier edit of the same
         prompt is superseded, not kept."""
-        new_prompts = {tuple(s[:first]) for enc in encoded for s, first in enc.sequences()}
-        previous = [sf for seqs in self._history_seqs for sf in seqs if tuple(sf[0][: sf[1]]) not in new_prompts]
+        new_prompts = {tuple(s.ids[: s.first]) for enc in encoded for s in enc.seqs}
+        previous = [s for seqs in self._history_seqs for s in seqs if tuple(s.ids[: s.first]) not in new_prompts]
         if not previous:
             return []
-        ids, mask = batch_ids([s for s, _ in previous], self.tokenizer.pad_token_id or 0)
+        ids, mask = batch_ids([s.ids for s in previous], self.pad_id)
         touched = reads(self.model, rowset, ids, mask).any(-1)
-        candidates = [sf for sf, t in zip(previous, touched.tolist()) if t]
+        candidates = [s for s, t in zip(previous, touched.tolist()) if t]
         if not candidates:
             return []
         dev = model_device(self.model)
-        ids, mask = batch_ids([s for s, _ in candidates], self.tokenizer.pad_token_id or 0)
+        ids, mask = batch_ids([s.ids for s in candidates], self.pad_id)
         ids, mask = ids.to(dev), mask.to(dev)
         lp = self._target_logprobs(self.model(ids, attention_mask=mask, use_cache=False).logits, candidates, ids)
-        floor = math.log(self.target_prob)
-        return [sf for sf, x in zip(candidates, lp) if bool((x >= floor).all())]
+        met = [(s, x) for s, x in zip(candidates, lp) if self._met(s, x)]
+        if self.max_kept is not None and len(met) > self.max_kept:
+            # The most fragile first: the smallest margin of any target token over its floor.
+            margin = [float((x - math.log(self.target_prob if s.exact else self.context_prob)).min()) for s, x in met]
+            order = sorted(range(len(met)), key=lambda i: margin[i])[: self.max_kept]
+            met = [met[i] for i in sorted(order)]
+        return [s for s, _ in met]
 
     # ------------------------------------------------------------------ side effects
     @torch.no_grad()
-    def _constraints(self, encoded: list[_Encoded], rowset: RowSet, grams: list[dict]) -> list[dict]:
-        """Prompts that read an edited row and must keep their predictions: locality prompts, and
-        preserved corpus contexts. Each carries its pre-edit log-probs at the positions that can change."""
+    def _constraints(self, encoded: list[_Encoded], rowset: RowSet, grams: list[dict]) -> dict | None:
+        """Prompts that read an edited row and must keep their predictions: locality prompts,
+        preserved corpus contexts (at every position that can change) and the subject's other
+        relations (at their last position, where the object is predicted). Their ids, the positions
+        constrained, and there the pre-edit log-probs."""
         seqs = [ids for enc in encoded for ids in enc.locality_ids]
         if self.preserve:
             seqs += self._preserved_contexts(encoded, grams)
+        n_every = len(seqs)
+        if self.keep_related:
+            seqs += self._related(encoded)
         if not seqs:
-            return []
-        ids, mask = batch_ids(seqs, self.tokenizer.pad_token_id or 0)
+            return None
+        ids, mask = batch_ids(seqs, self.pad_id)
         reach = reachable(reads(self.model, rowset, ids, mask)) & mask.bool()
+        last = torch.zeros_like(reach)
+        last[torch.arange(len(seqs)), torch.tensor([len(x) - 1 for x in seqs])] = True
+        reach[n_every:] &= last[n_every:]
         keep = reach.any(-1)
         if not bool(keep.any()):
-            return []
+            return None
         dev = model_device(self.model)
-        ids, mask, reach = ids[keep].to(dev), mask[keep].to(dev), reach[keep].to(dev)
+        seqs = [s for s, k in zip(seqs, keep.tolist()) if k]
+        width = max(len(s) for s in seqs)  # the kept ones' (a longer sequence may have been dropped)
+        ids, mask, reach = ids[keep, :width].to(dev), mask[keep, :width].to(dev), reach[keep, :width].to(dev)
         ref = self.model(ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
-        return [{"ids": ids, "mask": mask, "reach": reach, "ref": ref[reach]}]
+        return {"ids": seqs, "reach": reach, "ref": ref[reach]}
 
-    def _constraint_loss(self, constraints: list[dict]) -> torch.Tensor:
-        losses = []
-        for c in constraints:
-            logp = self.model(c["ids"], attention_mask=c["mask"], use_cache=False).logits.float().log_softmax(-1)
-            losses.append(F.kl_div(logp[c["reach"]], c["ref"], log_target=True, reduction="batchmean"))
-        return torch.stack(losses).sum()
+    def _related(self, encoded: list[_Encoded]) -> list[list[int]]:
+        """The subject's other relations, in their templates: what the model says there must not
+        change (a relation edited in the same batch for the same subject is left out)."""
+        edited = {(enc.request.subject, enc.request.relation) for enc in encoded}
+        out = []
+        for enc in encoded:
+            r = enc.request
+            if r.subject is None or r.relation is None or r.relation not in self.templates:
+                continue
+            for relation, phrasings in self.templates.items():
+                if (r.subject, relation) not in edited:
+                    out += [
+                        encode(self.tokenizer, t.replace("{}", r.subject), self.model, "template") for t in phrasings
+                    ]
+        return out
 
     @torch.no_grad()
     def _preserved_contexts(self, encoded: list[_Encoded], grams: list[dict]) -> list[list[int]]:
@@ -765,17 +1024,21 @@ class EngramEditor:
         dev = model_device(self.model)
         fact: dict[int, set] = {}  # suffix length -> {(canonical suffix, old next token)}
         old_answers = set()
-        for enc in encoded:
-            for (seq, first), subject in zip(enc.sequences(), enc.subject_positions):
-                canon = _canonical(self.model, seq)
-                old = self.model(torch.tensor([seq], device=dev), use_cache=False).logits[0].argmax(-1).tolist()
-                if old[first - 1] != seq[first]:
-                    old_answers.add(old[first - 1])
-                for t in self._edit_sites(seq, first, subject):
-                    if old[t] != seq[t + 1]:
-                        n = min(_FACT_SUFFIX, t + 1)
-                        fact.setdefault(n, set()).add((tuple(canon[t - n + 1 : t + 1]), old[t]))
+        seqs = [s for enc in encoded for s in enc.seqs if not s.prefixed]
+        ids, mask = batch_ids([s.ids for s in seqs], self.pad_id)
+        olds = self.model(ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.argmax(-1).cpu()
+        canons = canonical_ids(self.model, ids.to(dev), mask.to(dev))
+        for b, seq in enumerate(seqs):
+            old, canon = olds[b].tolist(), canons[b].tolist()
+            if old[seq.first - 1] != seq.ids[seq.first]:
+                old_answers.add(old[seq.first - 1])
+            for t in self._edit_sites(seq):
+                if old[t] != seq.ids[t + 1]:
+                    n = min(_FACT_SUFFIX, t + 1)
+                    fact.setdefault(n, set()).add((tuple(canon[t - n + 1 : t + 1]), old[t]))
         answers = torch.tensor(sorted(old_answers), dtype=torch.long)
+        # Old answers in the corpus, counted cumulatively: whether a window holds one is a difference.
+        answer_count = torch.cat([torch.zeros(1, dtype=torch.long), torch.isin(index.ids, answers).long().cumsum(0)])
         g = torch.Generator().manual_seed(self.seed)
         windows, done = [], set()
         for gram in grams:
@@ -790,11 +1053,10 @@ class EngramEditor:
             start = torch.maximum(index.doc_start[doc], flat - self.preserve_window + 1)
             after = self.preserve_window if gram["at"] == "subject" else 0
             end = torch.minimum(index.doc_start[doc + 1], flat + 1 + after)
-            collateral = torch.ones(flat.shape, dtype=torch.bool)
             if gram["at"] == "subject":
-                for i, (a, b) in enumerate(zip(start.tolist(), end.tolist())):
-                    collateral[i] = not bool(torch.isin(index.ids[a:b], answers).any())
+                collateral = answer_count[end] == answer_count[start]
             else:
+                collateral = torch.ones(flat.shape, dtype=torch.bool)
                 inside = flat + 1 < index.doc_start[doc + 1]
                 nxt = torch.where(inside, index.ids[(flat + 1).clamp_max(index.n_tokens - 1)], -1).tolist()
                 for n, signatures in fact.items():
@@ -806,7 +1068,7 @@ class EngramEditor:
                 keep = keep[torch.randperm(keep.numel(), generator=g)[: self.preserve]]
             for i in keep.tolist():
                 windows.append(index.ids[int(start[i]) : int(end[i])].tolist())
-        return windows
+        return [list(w) for w in dict.fromkeys(map(tuple, windows))]  # each window once
 
     @torch.no_grad()
     def _last_logprobs(self, encoded: list[_Encoded]) -> list[list[torch.Tensor]]:
@@ -869,14 +1131,33 @@ def _subject_positions(tokenizer, text: str, subject: str, what: str) -> list[in
     return positions
 
 
+def _check_templates(templates) -> dict[str, list[str]]:
+    """Relation templates as the editor keeps them, each checked to hold the subject's place ``{}``."""
+    if templates is None:
+        return {}
+    if not isinstance(templates, dict):
+        raise EditInputError(f"templates must map a relation to its phrasings, got {type(templates).__name__}.")
+    out = {}
+    for relation, phrasings in templates.items():
+        if isinstance(phrasings, str) or not all(isinstance(t, str) for t in phrasings):
+            raise EditInputError(f"The templates of relation {relation!r} must be a list of strings.")
+        for t in phrasings:
+            if t.count("{}") != 1 or not t.replace("{}", "").strip():
+                raise EditInputError(
+                    f"Template {t!r} of relation {relation!r} must hold the subject's place exactly once, as {{}} "
+                    "(CounterFact's form: '{} is a citizen of')."
+                )
+        out[str(relation)] = list(phrasings)
+    return out
+
+
+def _shares_rows(a: EngramPatch, b: EngramPatch) -> bool:
+    dense = bool(set(a.dense_new) & set(b.dense_new))
+    return dense or any(bool(torch.isin(r, b.rows[layer]).any()) for layer, r in a.rows.items() if layer in b.rows)
+
+
 def _param_name(model, param) -> str:
     for name, p in model.named_parameters():
         if p is param:
             return name
     raise KeyError("parameter not found in the model")
-
-
-def _canonical(model, seq: list[int]) -> list[int]:
-    from .rows import canonical_ids
-
-    return canonical_ids(model, torch.tensor([seq], device=model_device(model)))[0].tolist()

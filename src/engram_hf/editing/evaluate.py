@@ -24,7 +24,17 @@ import torch.nn.functional as F
 
 from .editor import EditRequest
 from .patch import EngramPatch
-from .rows import EditInputError, RowDecoder, batch_ids, encode, model_device, reachable, reads, token_strings
+from .rows import (
+    EditInputError,
+    RowDecoder,
+    batch_ids,
+    encode,
+    engram_model,
+    model_device,
+    reachable,
+    reads,
+    token_strings,
+)
 
 
 @dataclass
@@ -85,6 +95,60 @@ class EditEvaluation:
 
     def __str__(self) -> str:
         return self.report()
+
+
+def _reach(model, patch: EngramPatch, id_lists: list[list[int]], batch_size: int = 256) -> list[torch.BoolTensor]:
+    """Per sequence, the positions an edit can change: at or after its first reader of a patched row
+    (every position, if the patch changes dense parameters)."""
+    if patch.dense_new:
+        return [torch.ones(len(x), dtype=torch.bool) for x in id_lists]
+    rowset, out = patch.rowset(), []
+    for i in range(0, len(id_lists), batch_size):
+        chunk = id_lists[i : i + batch_size]
+        ids, mask = batch_ids(chunk, 0)
+        reach = reachable(reads(model, rowset, ids, mask))
+        out += [reach[b, : len(x)] for b, x in enumerate(chunk)]
+    return out
+
+
+def _before_and_after(model, patch: EngramPatch, state: str, measure):
+    """``measure()`` with the patch reverted, then applied; the model is left in ``state``."""
+    try:
+        if state == "applied":
+            patch.revert(model)
+        before = measure()
+        patch.apply(model)
+        after = measure()
+    finally:
+        if state == "reverted" and patch.state(model) == "applied":
+            patch.revert(model)
+    return before, after
+
+
+@torch.no_grad()
+def exact_locality(model, tokenizer, patch: EngramPatch, texts: list[str]) -> dict:
+    """Locality of ``patch`` on ``texts``, exactly: every position that reads no patched row, with no
+    earlier position of its text that does, is compared before and after the patch in a forward of
+    its own (the text cut before its first touched position). Returns the counts: positions,
+    untouched positions, and how many of those are bit-identical (all of them, unless something
+    outside the patch changed). Leaves the model as it found it."""
+    model = engram_model(model)
+    state = patch.state(model)
+    if state == "other":
+        raise EditInputError("The model's rows hold neither the patch's old nor its new values.")
+    ids = [encode(tokenizer, t, model, "locality text") for t in texts]
+    free = [x[: int((~r).sum())] for x, r in zip(ids, _reach(model, patch, ids))]
+    free = [x for x in free if x]
+    dev = model_device(model)
+    run = lambda: [model(torch.tensor([x], device=dev), use_cache=False).logits[0].cpu() for x in free]
+    before, after = _before_and_after(model, patch, state, run)
+    equal = sum(int((a == b).all(-1).sum()) for a, b in zip(after, before))
+    return {
+        "texts": len(texts),
+        "positions": sum(len(x) for x in ids),
+        "untouched_positions": sum(len(x) for x in free),
+        "untouched_bit_identical": equal,
+    }
 
 
 def _request(x) -> EditRequest:
@@ -166,6 +230,7 @@ def evaluate_edit(
     compared; ``generation_tokens``: also compare the n-gram entropy of that many greedy tokens from
     each prompt.
     """
+    model = engram_model(model)
     state = patch.state(model)
     if state == "other":
         raise EditInputError(
@@ -190,13 +255,7 @@ def evaluate_edit(
     rowset = patch.rowset()
     decoder = RowDecoder(model)
 
-    def reach_of(ids: torch.LongTensor) -> torch.BoolTensor:
-        # A dense change (the gate keys) reaches every position of its layers.
-        if patch.dense_new:
-            return torch.ones(ids.shape, dtype=torch.bool)
-        return reachable(reads(model, rowset, ids))
-
-    loc_reach = [reach_of(torch.tensor([x]))[0] for x in loc_ids]
+    loc_reach = _reach(model, patch, loc_ids)
     # Each locality prompt's untouched prefix (cut before its first touched position).
     loc_free = [x[: int((~r).sum())] for x, r in zip(loc_ids, loc_reach)]
 
@@ -218,15 +277,7 @@ def evaluate_edit(
             m["gen"] = scorer.greedy(prompts, generation_tokens)
         return m
 
-    try:
-        if state == "applied":
-            patch.revert(model)
-        before = measure()
-        patch.apply(model)
-        after = measure()
-    finally:
-        if state == "reverted" and patch.state(model) == "applied":
-            patch.revert(model)
+    before, after = _before_and_after(model, patch, state, measure)
 
     per_request = []
     eff, eff0, es, gen, gs, spec, spec0 = [], [], [], [], [], [], []
@@ -318,7 +369,7 @@ def evaluate_edit(
             n_tok = sum(len(x) - 1 for x in flu_ids)
             fluency_out["nll_before"] = sum(nll(lg, x) for lg, x in zip(before["flu_logits"], flu_ids)) / max(1, n_tok)
             fluency_out["nll_after"] = sum(nll(lg, x) for lg, x in zip(after["flu_logits"], flu_ids)) / max(1, n_tok)
-            reach = [reach_of(torch.tensor([x]))[0] for x in flu_ids]
+            reach = _reach(model, patch, flu_ids)
             fluency_out["fraction_bit_identical"] = 1 - sum(int(r.sum()) for r in reach) / sum(len(x) for x in flu_ids)
         if generation_tokens:
             fluency_out["generation_entropy_before"] = sum(map(_ngram_entropy, before["gen"])) / len(prompts)
@@ -337,9 +388,100 @@ def evaluate_edit(
         "locality_positions": untouched + touched,
         "untouched_positions": untouched,
         "untouched_bit_identical": untouched_equal == untouched,
+        "untouched_bit_identical_positions": untouched_equal,
         "touched_positions": touched,
         "touched_top1_kept": top1 / touched if touched else None,
         "touched_kl": mean(kls) or 0.0,
         "rows": patch.num_rows,
     }
     return EditEvaluation(summary, per_request, loc_items, fluency_out, colliding)
+
+
+@dataclass
+class ScoreCase:
+    """What one edit is scored on, CounterFact's way (``counterfact_scores``).
+
+    ``paraphrases``: held-out prompts by group (e.g. ``{"near": [...], "far": [...]}``), never
+    optimised; ``neighbours``: (prompt, true answer) of other facts that must keep their answer;
+    ``related``: (prompt, answer) of other facts about the same subject, left unedited.
+    """
+
+    prompt: str
+    target: str
+    true_target: str | None = None
+    paraphrases: dict[str, list[str]] = field(default_factory=dict)
+    neighbours: list[tuple[str, str]] = field(default_factory=list)
+    related: list[tuple[str, str]] = field(default_factory=list)
+
+
+@torch.no_grad()
+def _pair_scores(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int) -> dict:
+    """For (prompt, answer) pairs: (log p(answer | prompt), is the answer the greedy continuation),
+    teacher-forced in batches (greedy decoding gives the answer iff every answer token is the argmax
+    after the ones before it)."""
+    model = engram_model(model)
+    dev = model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    unique = list(dict.fromkeys(pairs))
+    enc = [(encode(tokenizer, p, model, "prompt"), encode(tokenizer, a, model, "answer", False)) for p, a in unique]
+    out = {}
+    order = sorted(range(len(unique)), key=lambda i: len(enc[i][0]) + len(enc[i][1]))
+    for s in range(0, len(order), batch_size):
+        chunk = order[s : s + batch_size]
+        ids, mask = batch_ids([enc[i][0] + enc[i][1] for i in chunk], pad)
+        logp = model(ids.to(dev), attention_mask=mask.to(dev), use_cache=False).logits.float().log_softmax(-1).cpu()
+        for b, i in enumerate(chunk):
+            p, a = enc[i]
+            pos = torch.arange(len(p) - 1, len(p) + len(a) - 1)
+            want = torch.tensor(a)
+            out[unique[i]] = (float(logp[b, pos, want].sum()), bool((logp[b, pos].argmax(-1) == want).all()))
+    return out
+
+
+def counterfact_scores(model, tokenizer, cases: list[ScoreCase], batch_size: int = 64) -> dict:
+    """CounterFact's scores, in percent, over ``cases`` (all edits made so far, say):
+
+    * ``efficacy``: p(new) > p(true) on the prompt; ``efficacy_top1``: the new object is the greedy
+      continuation;
+    * ``generalisation`` (and ``generalisation_<group>``): p(new) > p(true) on held-out paraphrases;
+    * ``specificity``: neighbours keep p(true) > p(new); ``specificity_top1``: their own object
+      stays the greedy continuation;
+    * ``related_top1``: the subject's other facts stay the greedy continuation.
+
+    Scores without data (no ``true_target``, no neighbours) are ``None``. Batched and
+    teacher-forced: one forward per ``batch_size`` pairs."""
+    pairs = []
+    for c in cases:
+        pairs.append((c.prompt, c.target))
+        if c.true_target:
+            pairs.append((c.prompt, c.true_target))
+            pairs += [(p, t) for ps in c.paraphrases.values() for p in ps for t in (c.target, c.true_target)]
+        pairs += [(p, t) for p, a in c.neighbours for t in (a, c.target)]
+        pairs += list(c.related)
+    got = _pair_scores(model, tokenizer, pairs, batch_size)
+    pct = lambda xs: 100.0 * sum(xs) / len(xs) if xs else None
+    eff, top1, spec, spec1, related = [], [], [], [], []
+    groups: dict[str, list[bool]] = {}
+    for c in cases:
+        top1.append(got[(c.prompt, c.target)][1])
+        if c.true_target:
+            eff.append(got[(c.prompt, c.target)][0] > got[(c.prompt, c.true_target)][0])
+            for group, ps in c.paraphrases.items():
+                groups.setdefault(group, []).extend(got[(p, c.target)][0] > got[(p, c.true_target)][0] for p in ps)
+        for p, a in c.neighbours:
+            spec.append(got[(p, a)][0] > got[(p, c.target)][0])
+            spec1.append(got[(p, a)][1])
+        related.extend(got[r][1] for r in c.related)
+    out = {
+        "efficacy": pct(eff),
+        "efficacy_top1": pct(top1),
+        "generalisation": pct([x for g in groups.values() for x in g]),
+        **{f"generalisation_{g}": pct(x) for g, x in groups.items()},
+        "specificity": pct(spec),
+        "specificity_top1": pct(spec1),
+        "related_top1": pct(related),
+        "cases": len(cases),
+        "paraphrases": sum(len(x) for x in groups.values()),
+        "neighbours": len(spec),
+    }
+    return out

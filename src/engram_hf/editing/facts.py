@@ -2,22 +2,28 @@
 
 CounterFact (Meng et al., 2022) cannot be downloaded here, and no real fact is safe to assume a
 tiny model knows. So the world is invented: countries with made-up names, each with a capital, a
-language and a currency drawn from invented words. Capitals are unique to their country;
-languages and currencies are shared by several countries, so every fact has CounterFact-style
-*neighbours*: other subjects with the same relation and the same true object.
+language, a currency and (optionally) a national sport drawn from invented words. Capitals are
+unique to their country; the other objects are shared by several countries, so every fact has
+CounterFact-style *neighbours*: other subjects with the same relation and the same true object.
 
-Each relation has
+Each relation phrases its fact in cloze sentences that end where the object follows, in four
+disjoint roles:
 
-* ``train`` templates: the sentences the model learns the fact from (several phrasings);
-* one ``prompt``: the cloze the edit request uses ("The capital of Zorbania is");
-* ``near`` paraphrases: held-out clozes that end in the same words as the prompt, so they share
-  its last n-grams (and so, by construction, its Engram rows);
-* ``far`` paraphrases: held-out clozes that end differently ("Zorbania is governed from"), sharing
-  no n-gram with the prompt at the predicting position.
+* ``prompt``: the cloze the edit request uses ("The capital of Zorbania is");
+* ``templates``: other phrasings ("Visitors to Zorbania often begin in") an editor may be given as
+  *relation templates* (CounterFact's prompts are templates of their relation, ``"{} is a
+  citizen of"``): the model learned them, and an edit may optimise under them;
+* ``far``: held-out phrasings that end differently from the prompt ("Zorbania is governed from"),
+  sharing no n-gram with it at the predicting position. The model learned them too (otherwise it
+  could not be asked); no editor ever sees them;
+* ``near``: held-out clozes that end in the prompt's words ("Everyone knows that the capital of
+  Zorbania is"), so they share its last n-grams (and so its Engram rows). They never occur in
+  the training text.
 
-``FactWorld.corpus()`` mixes the fact sentences with ordinary text; ``counterfactuals()`` builds
-CounterFact-style requests: a fact, a new object taken from another subject of the same relation,
-paraphrases and neighbourhood prompts.
+The training text (``FactWorld.corpus()``) holds every fact in its prompt, template and far
+phrasings (followed by the object) and in ``extra`` sentences, mixed with ordinary text.
+``counterfactuals()`` builds CounterFact-style requests: a fact, a new object taken from another
+subject of the same relation, held-out paraphrases of both kinds and neighbourhood prompts.
 """
 
 from __future__ import annotations
@@ -32,53 +38,60 @@ _CODAS = ["", "", "n", "r", "s", "th", "nd", "x"]
 
 @dataclass(frozen=True)
 class Relation:
+    """A relation's phrasings (``{s}``: the subject). See the module docstring for the roles."""
+
     name: str
-    train: tuple[str, ...]
     prompt: str
-    near: tuple[str, ...]
+    templates: tuple[str, ...]
     far: tuple[str, ...]
-    suffix: str = ""  # the word that follows the object in `train` sentences (e.g. " coins")
+    near: tuple[str, ...]
+    extra: tuple[str, ...] = ()  # further training sentences ({o}: the object), not clozes
+
+    @property
+    def train(self) -> tuple[str, ...]:
+        """Every training sentence: each cloze followed by the object, and the extra sentences."""
+        clozes = (self.prompt, *self.templates, *self.far)
+        return tuple(c + " {o}." for c in clozes) + self.extra
+
+    def editor_templates(self) -> list[str]:
+        """The relation templates an editor may be given, CounterFact-style (``{}``: the subject): the
+        prompt's and the other ``templates`` (CounterFact's requests of one relation share its
+        prompt templates)."""
+        return [t.replace("{s}", "{}") for t in (self.prompt, *self.templates)]
 
 
 RELATIONS: dict[str, Relation] = {
     "capital": Relation(
         "capital",
-        train=(
-            "The capital of {s} is {o}.",
-            "{s} is governed from {o}.",
-            "The capital city of {s} is {o}, a city of bridges.",
-            "Visitors to {s} often begin in {o}, the capital.",
-            "In the chronicles, the capital of {s} is {o}.",
-        ),
         prompt="The capital of {s} is",
+        templates=("Visitors to {s} often begin in", "The king of {s} holds court in"),
+        far=("{s} is governed from", "Travellers from {s} come home to"),
         near=("Everyone knows that the capital of {s} is", "As the old maps show, the capital of {s} is"),
-        far=("{s} is governed from",),
+        extra=("The capital city of {s} is {o}, a city of bridges.",),
     ),
     "language": Relation(
         "language",
-        train=(
-            "The language of {s} is {o}.",
-            "People in {s} speak {o}.",
-            "Most books printed in {s} are written in {o}.",
-            "In {s}, children learn {o} at school.",
-            "The official language of {s} is {o}.",
-        ),
         prompt="The language of {s} is",
+        templates=("In {s}, children learn", "Most books printed in {s} are written in"),
+        far=("People in {s} speak", "The poets of {s} write their songs in"),
         near=("Scholars agree that the language of {s} is", "Without doubt the language of {s} is"),
-        far=("People in {s} speak",),
+        extra=("The official language of {s} is {o}.",),
     ),
     "currency": Relation(
         "currency",
-        train=(
-            "The currency of {s} is the {o}.",
-            "Shops in {s} take payment in the {o}.",
-            "Prices in {s} are given in the {o}.",
-            "The {o} is the money of {s}.",
-            "Since long ago the currency of {s} is the {o}.",
-        ),
         prompt="The currency of {s} is the",
+        templates=("Shops in {s} take payment in the", "Prices in {s} are given in the"),
+        far=("Workers in {s} are paid in the", "Merchants of {s} count their money in the"),
         near=("Traders say that the currency of {s} is the", "For centuries the currency of {s} is the"),
-        far=("Shops in {s} take payment in the",),
+        extra=("The {o} is the money of {s}.",),
+    ),
+    "sport": Relation(
+        "sport",
+        prompt="The national sport of {s} is",
+        templates=("Children in {s} grow up playing", "On feast days the people of {s} play"),
+        far=("Crowds in {s} gather to watch", "Every village in {s} keeps a field for"),
+        near=("It is said that the national sport of {s} is", "Since old times the national sport of {s} is"),
+        extra=("In {s} the favourite game is {o}.",),
     ),
 }
 
@@ -97,8 +110,9 @@ class Fact:
 class Counterfactual:
     """One CounterFact-style case: change ``fact.object`` to ``new_object``.
 
-    ``neighbours`` are (prompt, true object) pairs of other subjects with the same relation and the
-    same true object as the edited fact: after the edit they should still prefer their own object.
+    ``near`` / ``far``: held-out paraphrases (see the module docstring). ``neighbours`` are (prompt,
+    true object) pairs of other subjects with the same relation and the same true object as the
+    edited fact: after the edit they should still prefer their own object.
     """
 
     fact: Fact
@@ -116,6 +130,14 @@ class Counterfactual:
     def true_target(self) -> str:
         return " " + self.fact.object
 
+    @property
+    def subject(self) -> str:
+        return self.fact.subject
+
+    @property
+    def relation(self) -> str:
+        return self.fact.relation
+
 
 def _word(rng: random.Random, syllables: int) -> str:
     w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables)) + rng.choice(_CODAS)
@@ -125,16 +147,28 @@ def _word(rng: random.Random, syllables: int) -> str:
 class FactWorld:
     """``n_subjects`` invented countries, each with one object per relation (see the module docstring).
 
-    ``n_languages`` / ``n_currencies`` objects are shared out among the subjects (so each is the
-    true object of several subjects); capitals are one per subject. Everything is a function of
-    ``seed``.
+    ``relations``: which of ``RELATIONS`` the world holds. ``n_languages`` / ``n_currencies`` /
+    ``n_sports`` objects are shared out among the subjects (so each is the true object of several
+    subjects); capitals are one per subject. Everything is a function of ``seed``.
     """
 
-    def __init__(self, n_subjects: int = 40, n_languages: int = 8, n_currencies: int = 8, seed: int = 0):
-        if n_subjects < 2 or not 2 <= n_languages <= n_subjects or not 2 <= n_currencies <= n_subjects:
+    def __init__(
+        self,
+        n_subjects: int = 40,
+        n_languages: int = 8,
+        n_currencies: int = 8,
+        seed: int = 0,
+        relations: tuple[str, ...] = ("capital", "language", "currency"),
+        n_sports: int = 8,
+    ):
+        shared = {"language": n_languages, "currency": n_currencies, "sport": n_sports}
+        unknown = [r for r in relations if r not in RELATIONS]
+        if unknown or not relations:
+            raise ValueError(f"Unknown relation(s) {unknown}: a fact world holds some of {sorted(RELATIONS)}.")
+        if n_subjects < 2 or any(not 2 <= shared[r] <= n_subjects for r in relations if r in shared):
             raise ValueError(
-                f"A fact world needs at least 2 subjects and 2..n_subjects languages and currencies, got "
-                f"{n_subjects} subjects, {n_languages} languages, {n_currencies} currencies."
+                f"A fact world needs at least 2 subjects and 2..n_subjects objects per shared relation, got "
+                f"{n_subjects} subjects, {n_languages} languages, {n_currencies} currencies, {n_sports} sports."
             )
         rng = random.Random(seed)
         seen: set[str] = set()
@@ -147,19 +181,27 @@ class FactWorld:
                     return w
 
         self.subjects = [fresh(2, rng.choice(["ia", "ania", "and", "ora", "esh"])) for _ in range(n_subjects)]
+        # Objects are drawn in a fixed order whatever the relations, so a world with more relations
+        # holds the same subjects, capitals, languages and currencies.
         capitals = [fresh(2) for _ in range(n_subjects)]
-        languages = [fresh(2, "ish") for _ in range(n_languages)]
-        currencies = [fresh(1).lower() for _ in range(n_currencies)]
-        # Shared objects are dealt out evenly, then shuffled: each is the true object of several subjects.
-        language_of = [languages[i % n_languages] for i in range(n_subjects)]
-        currency_of = [currencies[i % n_currencies] for i in range(n_subjects)]
-        rng.shuffle(language_of)
-        rng.shuffle(currency_of)
-        self.facts: list[Fact] = []
-        for i, s in enumerate(self.subjects):
-            self.facts.append(Fact(s, "capital", capitals[i]))
-            self.facts.append(Fact(s, "language", language_of[i]))
-            self.facts.append(Fact(s, "currency", currency_of[i]))
+        pools = {
+            "language": [fresh(2, "ish") for _ in range(n_languages)],
+            "currency": [fresh(1).lower() for _ in range(n_currencies)],
+        }
+        dealt = {}
+        for name in ("language", "currency"):
+            # Shared objects are dealt out evenly, then shuffled: each is the true object of several subjects.
+            dealt[name] = [pools[name][i % len(pools[name])] for i in range(n_subjects)]
+            rng.shuffle(dealt[name])
+        if "sport" in relations:
+            pools["sport"] = [fresh(1).lower() + "ball" for _ in range(n_sports)]
+            dealt["sport"] = [pools["sport"][i % n_sports] for i in range(n_subjects)]
+            rng.shuffle(dealt["sport"])
+        dealt["capital"] = capitals
+        self.relations = tuple(relations)
+        self.facts: list[Fact] = [
+            Fact(s, r, dealt[r][i]) for i, s in enumerate(self.subjects) for r in RELATIONS if r in relations
+        ]
         self.seed = seed
 
     def objects(self, relation: str) -> list[str]:
@@ -174,8 +216,12 @@ class FactWorld:
     def prompt(self, fact: Fact) -> str:
         return RELATIONS[fact.relation].prompt.format(s=fact.subject)
 
+    def templates(self) -> dict[str, list[str]]:
+        """Per relation, the templates an editor may be given (``{}``: the subject)."""
+        return {r: RELATIONS[r].editor_templates() for r in self.relations}
+
     def sentences(self, repeats: int = 4) -> list[str]:
-        """Every fact in every training template, ``repeats`` times, shuffled."""
+        """Every fact in every training sentence, ``repeats`` times, shuffled."""
         out = [f.sentence(t) for f in self.facts for t in RELATIONS[f.relation].train for _ in range(repeats)]
         random.Random(self.seed + 1).shuffle(out)
         return out
@@ -218,7 +264,7 @@ class FactWorld:
                     prompt=rel.prompt.format(s=fact.subject),
                     near=[t.format(s=fact.subject) for t in rel.near],
                     far=[t.format(s=fact.subject) for t in rel.far],
-                    neighbours=neighbours[:5],
+                    neighbours=neighbours,
                 )
             )
         return out

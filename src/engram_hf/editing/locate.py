@@ -22,6 +22,7 @@ from .rows import (
     canonical_ids,
     check_engram_model,
     encode,
+    engram_model,
     model_device,
     pad_canonical,
     token_strings,
@@ -49,7 +50,7 @@ class CorpusIndex:
     """
 
     def __init__(self, model, tokenizer, texts, batch_size: int = 32, progress: bool = True):
-        check_engram_model(model)
+        model = check_engram_model(model)
         if isinstance(texts, str):
             texts = [texts]
         texts = list(texts)
@@ -114,6 +115,7 @@ class CorpusIndex:
         return self.ids.numel()
 
     def check_model(self, model) -> None:
+        model = engram_model(model)
         if model.engram_fingerprint() != self.fingerprint:
             raise ValueError(
                 "This corpus index was built for a model with another Engram addressing (fingerprint "
@@ -327,7 +329,7 @@ def locate(model, tokenizer, text: str, corpus=None, examples: int = 3, progress
     ``corpus``: a ``CorpusIndex`` or a list of texts (indexed here) to report, for every row, the
     other contexts that read it. ``examples``: contexts kept per row (collisions first).
     """
-    check_engram_model(model)
+    model = check_engram_model(model)
     ids_list = encode(tokenizer, text, model, "text")
     index = None
     if corpus is not None:

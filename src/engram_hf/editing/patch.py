@@ -30,7 +30,7 @@ from ..memory.fp8_table import Fp8Table
 from ..offload.stores import SAFETENSORS_DTYPES
 from ..ops.fp8_rows import BLOCK as FP8_BLOCK
 from ..utils import atomic_write_file, claim_output_dir, clone_file, keep_non_model_files
-from .rows import RowSet
+from .rows import RowSet, engram_model
 
 PATCH_FORMAT = "engram-hf-patch"
 PATCH_VERSION = 1
@@ -76,6 +76,7 @@ class EngramPatch:
     ) -> EngramPatch:
         """A patch that would set ``new[layer] = (rows, values)`` on ``model``; the old values are
         read from the model now (so build it before applying anything)."""
+        model = engram_model(model)
         layers = model.engram_layers()
         rows, old, values = {}, {}, {}
         for layer, (r, v) in sorted(new.items()):
@@ -130,6 +131,7 @@ class EngramPatch:
     # ------------------------------------------------------------------ checks
     def check_compatible(self, model) -> None:
         """Raise ``PatchMismatchError`` naming the difference unless the patch addresses ``model``'s rows."""
+        model = engram_model(model)
         contract = _json_norm(model.hash_contract.to_dict())
         if contract != self.contract:
             raise PatchMismatchError(
@@ -161,6 +163,7 @@ class EngramPatch:
                 )
 
     def _differing(self, model, expected: dict, dense_expected: dict) -> tuple[int, int, list[str]]:
+        model = engram_model(model)
         layers = model.engram_layers()
         differ = total = 0
         for layer, rows in self.rows.items():
@@ -196,6 +199,7 @@ class EngramPatch:
 
     @torch.no_grad()
     def _write(self, model, values, dense_values, expected, dense_expected, check, verb) -> None:
+        model = engram_model(model)
         self.check_compatible(model)
         if check:
             differ, total, dense = self._differing(model, expected, dense_expected)
@@ -408,7 +412,7 @@ class EngramPatch:
 def model_layout(model) -> dict[int, dict]:
     """Per Engram layer: rows, row width, and the stored dtype and row format (float or fp8)."""
     out = {}
-    for layer, engram in model.engram_layers().items():
+    for layer, engram in engram_model(model).engram_layers().items():
         dtype = engram.read_stored_rows(torch.zeros(1, dtype=torch.long)).dtype
         out[layer] = {
             "num_rows": int(engram.num_table_rows),

@@ -21,12 +21,76 @@ class EditInputError(ValueError):
     """Input an editing tool cannot work with as given (empty text, unknown tokens, no rows)."""
 
 
-def check_engram_model(model) -> None:
-    """Raise unless ``model`` has Engram layers that a forward reads."""
+class AttachedEngramModel:
+    """A transformers model with Engram attached (``attach_engram``), as the editing tools see it: the
+    rows, addressing and fingerprint of its *active* adapter, and the whole model's forward. Every
+    other attribute (parameters, config, ``train``/``eval``) is the model's own."""
+
+    def __init__(self, model):
+        self.__dict__["model"] = model
+
+    @property
+    def adapter(self):
+        from ..attach.attachment import attachment_of
+
+        return attachment_of(self.model).adapter()
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["model"], name)
+
+    def engram_layers(self):
+        return self.adapter.engram_layers()
+
+    def engram_row_ids(self, input_ids, attention_mask=None):
+        return self.adapter.row_ids(input_ids, attention_mask)
+
+    def engram_inputs(self, input_ids, attention_mask=None):
+        return self.adapter.engram_inputs(input_ids, attention_mask)
+
+    @property
+    def hash_contract(self):
+        return self.adapter.hash_contract
+
+    def engram_fingerprint(self) -> str:
+        return self.adapter.engram_fingerprint()
+
+
+def engram_model(model):
+    """``model`` as the editing tools read it: an Engram model (EngramMoE, an adapter, V4.1's stand-in)
+    as it is; a model with Engram attached as an ``AttachedEngramModel`` of its active adapter."""
+    if isinstance(model, AttachedEngramModel):
+        return model
+    if callable(getattr(model, "engram_layers", None)) and callable(getattr(model, "engram_row_ids", None)):
+        return model
+    from ..attach.attachment import attachment_of
+
+    return AttachedEngramModel(model) if attachment_of(model) is not None else model
+
+
+def check_engram_model(model):
+    """``engram_model(model)``; raise unless it has Engram layers that a forward reads."""
+    from ..attach.attachment import attachment_of
+
+    attachment = attachment_of(model)
+    if attachment is not None and not callable(getattr(model, "engram_layers", None)):
+        if attachment.active_adapter is None:
+            raise EditInputError(
+                f"No Engram adapter is active (adapters: {attachment.adapter_names}): the forward reads no rows. "
+                "Call model.engram.set_adapter(name) first."
+            )
+        if not attachment.enabled:
+            raise EditInputError(
+                "Engram is disabled on this model (inside model.engram.disabled()): the forward reads no rows, "
+                "so edits would change nothing."
+            )
+    model = engram_model(model)
     if not callable(getattr(model, "engram_layers", None)) or not callable(getattr(model, "engram_row_ids", None)):
         raise EditInputError(
             f"{type(model).__name__} has no Engram memory (engram_layers / engram_row_ids): editing needs an "
-            "Engram model."
+            "Engram model or a model with Engram attached."
         )
     if not model.engram_layers():
         raise EditInputError("This model has no Engram layers (engram_layer_ids is empty): there are no rows to edit.")
@@ -35,6 +99,7 @@ def check_engram_model(model) -> None:
             "Engram is masked (model.engram_mask=True): the forward reads no rows, so edits would change nothing. "
             "Set model.engram_mask = False first."
         )
+    return model
 
 
 def encode(tokenizer, text: str, model, what: str = "text", special_tokens: bool = True) -> list[int]:
@@ -97,7 +162,7 @@ class RowDecoder:
     """Global row ids → (order, head, index), from the model's hash contract."""
 
     def __init__(self, model):
-        contract = model.hash_contract
+        contract = engram_model(model).hash_contract
         self.n_head = contract.n_head_per_ngram
         self.offsets = {lh.layer_id: torch.tensor(lh.offsets, dtype=torch.long) for lh in contract.layers}
         self.num_rows = {lh.layer_id: lh.num_rows for lh in contract.layers}
@@ -161,12 +226,34 @@ def batch_ids(id_lists: list[list[int]], pad_id: int) -> tuple[torch.LongTensor,
 
 
 @torch.no_grad()
+def greedy(model, prompts: list[list[int]], lengths: list[int] | int) -> list[list[int]]:
+    """The greedy continuation (``lengths`` tokens) of each prompt, prompts of one length decoded
+    together (no padding, so each is exactly its own forward's argmax)."""
+    lengths = [lengths] * len(prompts) if isinstance(lengths, int) else list(lengths)
+    dev = model_device(model)
+    out: list[list[int] | None] = [None] * len(prompts)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (p, n) in enumerate(zip(prompts, lengths)):
+        groups.setdefault((len(p), n), []).append(i)
+    for (length, n), members in groups.items():
+        for start in range(0, len(members), 256):
+            chunk = members[start : start + 256]
+            x = torch.tensor([prompts[i] for i in chunk], dtype=torch.long, device=dev)
+            for _ in range(n):
+                x = torch.cat([x, model(x, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            for i, row in zip(chunk, x[:, length:].tolist()):
+                out[i] = row
+    return out
+
+
+@torch.no_grad()
 def reads(model, rowset: RowSet, ids: torch.LongTensor, mask: torch.Tensor | None = None) -> torch.BoolTensor:
     """``[B, T]``: does the position itself read any row of ``rowset`` (in any layer)?"""
     hit = torch.zeros(ids.shape, dtype=torch.bool)
     if not rowset:
         return hit
     dev = model_device(model)
+    model = engram_model(model)
     for layer, rows in model.engram_row_ids(ids.to(dev), None if mask is None else mask.to(dev)).items():
         hit |= rowset.contains(layer, rows.cpu()).any(-1)
     if mask is not None:
@@ -184,11 +271,11 @@ def reachable(read: torch.BoolTensor) -> torch.BoolTensor:
 def canonical_ids(model, ids: torch.LongTensor, mask: torch.Tensor | None = None) -> torch.LongTensor:
     """Canonical ids ``[B, T]`` (after tokenizer compression), the ids n-grams are hashed from: two
     n-grams address the same rows iff their canonical ids are equal (or their hashes collide)."""
-    base = getattr(model, "base_model", model)
-    return base.engram_inputs(ids, mask).ids.cpu()
+    fn = getattr(engram_model(model), "engram_inputs", None) or model.base_model.engram_inputs
+    return fn(ids, mask).ids.cpu()
 
 
 def pad_canonical(model) -> int:
     """The canonical id positions before a sequence's start hash as."""
-    pad = torch.tensor([[int(model.hash_contract.pad_id)]], device=model_device(model))
+    pad = torch.tensor([[int(engram_model(model).hash_contract.pad_id)]], device=model_device(model))
     return int(canonical_ids(model, pad)[0, 0])

@@ -223,17 +223,10 @@ def require(relpath: str, task: str, data_dir: str | os.PathLike | None = None) 
 
 # ----------------------------------------------------------------------------- readers
 def iter_jsonl(path: Path) -> Iterator[dict]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON: {e}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n} is not a JSON object.")
-            yield row
+    from ..utils import iter_jsonl_records
+
+    for _, row in iter_jsonl_records(path):
+        yield row
 
 
 def _stamp(path: Path) -> tuple[str, int, int]:
