@@ -183,6 +183,8 @@ def test_prepare_from_hub_writes_the_layout(tmp_path):
     from engram_hf.evaluation import data, ruler
     from engram_hf.evaluation.hub import prepare_from_hub
 
+    with pytest.raises(ValueError, match="cannot be fetched from the hub"):
+        prepare_from_hub(tmp_path, ["facts"], source=FakeHub(), progress=False)
     plan = prepare_from_hub(tmp_path, source=FakeHub(), progress=False)
     assert set(plan) == {"mmlu", "bbh", "math", "ruler"}
     q = data.mmlu_questions(tmp_path / data.MMLU_TEST)
@@ -234,7 +236,7 @@ def test_lm_eval_indexes_every_task_and_group_of_the_suite():
 
     entries = catalog()
     leaves = [n for n, e in entries.items() if not e.members]
-    assert len(leaves) == 57 * 2 + 27 * 2 + 1 + 8 + 13
+    assert len(leaves) == 57 * 2 + 27 * 2 + 1 + 8 + 13 + 1  # ... RULER, offline_facts
     groups = {n: e for n, e in entries.items() if e.members}
     assert len(groups["offline_mmlu"].members) == 57 and len(groups["offline_ruler"].members) == 13
     assert len(groups["offline_bbh"].members) == 27 and len(groups["offline_minerva_math"].members) == 7

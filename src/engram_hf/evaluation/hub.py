@@ -172,7 +172,13 @@ def prepare_from_hub(
     the data directory's layout, then validate and import it like ``prepare_from_dir``."""
     from tqdm.auto import tqdm
 
-    benchmarks = data.check_benchmarks(benchmarks)
+    # Fact-recall questions are the user's own (or the quickstart's): no hub dataset holds them.
+    benchmarks = data.check_benchmarks(benchmarks or tuple(WRITERS))
+    if missing := [b for b in benchmarks if b not in WRITERS]:
+        raise ValueError(
+            f"{missing} cannot be fetched from the hub: write your questions to {data.FACTS} in the data directory "
+            "(or import them with prepare-data --from-dir DIR)."
+        )
     source = HubSource() if source is None else source
     root, _ = data.resolve_data_dir(data_dir)
     root.mkdir(parents=True, exist_ok=True)
