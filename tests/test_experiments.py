@@ -312,3 +312,15 @@ def test_mask_command_trains_and_scores_every_task(tmp_path):
     for name, t in m["tasks"].items():
         assert t["accuracy"]["mean"] == run[name]["accuracy"]
     assert (out / "mask" / "mask.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_builtin_documents_are_the_sonnets_one_each():
+    from engram_hf.data import builtin_documents, builtin_text
+
+    docs = builtin_documents()
+    assert len(docs) == 154  # Shakespeare's sequence
+    assert docs[0].startswith("From fairest creatures") and docs[-1].endswith("Love's fire heats water, water cools not love.")
+    # Nothing lost or added: the text's lines, less the title, the author and the numerals.
+    lines = [line.strip() for line in builtin_text().splitlines() if line.strip()]
+    body = [line for line in lines[2:] if not re.fullmatch(r"[IVXLC]+", line)]
+    assert [line.strip() for d in docs for line in d.splitlines() if line.strip()] == body

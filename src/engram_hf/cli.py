@@ -113,6 +113,12 @@ def _experiment(args) -> int:
 
     from .experiments import run_experiments
 
+    texts = None
+    if not args.data:
+        from .data import builtin_documents
+
+        print("engram-hf experiment: no --data given: running on the built-in Sonnets", file=sys.stderr)
+        texts = builtin_documents()
     results = run_experiments(
         args.which,
         args.data,
@@ -127,6 +133,7 @@ def _experiment(args) -> int:
         experts=args.experts,
         preset=args.preset,
         items=args.items,
+        texts=texts,
     )
     shown = {k: {kk: vv for kk, vv in v.items() if kk not in ("models", "runs")} for k, v in results.items()}
     print(json.dumps(shown, indent=2))
@@ -609,7 +616,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("which", choices=["iso", "scaling", "ushape", "mask", "all"])
     ex.add_argument(
-        "--data", nargs="+", required=True, help=".txt/.jsonl files or directories (the last documents are held out)"
+        "--data",
+        nargs="+",
+        help=".txt/.jsonl files or directories (the last documents are held out; default: the built-in Sonnets)",
     )
     ex.add_argument("--out", default="runs/experiments")
     ex.add_argument("--steps", type=int, default=300)

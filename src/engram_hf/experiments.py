@@ -712,8 +712,10 @@ def run_experiments(
     preset: str | None = None,
     items: int = 256,
     overwrite: bool = False,
+    texts: list[str] | None = None,
 ) -> dict:
-    """Run one experiment of ``EXPERIMENTS`` (or ``"all"``) and write ``out_dir/results.json``.
+    """Run one experiment of ``EXPERIMENTS`` (or ``"all"``) on the documents of ``data`` (paths) or
+    ``texts`` (the documents themselves; exactly one of the two) and write ``out_dir/results.json``.
     ``rhos``, ``experts``: the ushape sweep (default ``USHAPE_RHOS``, ``USHAPE_EXPERTS``);
     ``preset``: the backbone of ushape and mask (default ``USHAPE_PRESET``); ``items``: held-out
     items per in-context and text task of mask; ``overwrite``: replace an ``out_dir`` another
@@ -727,7 +729,9 @@ def run_experiments(
     if which in ("ushape", "all"):
         experts_removed(rhos, experts, top_k)
     output = claim_output_dir(out_dir, "experiment", overwrite=overwrite)
-    texts = read_texts(data)
+    if (data is None) == (texts is None):
+        raise ValueError("Give the corpus as data (paths) or texts (documents), exactly one of them.")
+    texts = read_texts(data) if texts is None else list(texts)
     output.mark()
     out = Path(out_dir)
     spec = TrainSpec(
