@@ -319,7 +319,8 @@ def test_builtin_documents_are_the_sonnets_one_each():
 
     docs = builtin_documents()
     assert len(docs) == 154  # Shakespeare's sequence
-    assert docs[0].startswith("From fairest creatures") and docs[-1].endswith("Love's fire heats water, water cools not love.")
+    assert docs[0].startswith("From fairest creatures")
+    assert docs[-1].endswith("Love's fire heats water, water cools not love.")
     # Nothing lost or added: the text's lines, less the title, the author and the numerals.
     lines = [line.strip() for line in builtin_text().splitlines() if line.strip()]
     body = [line for line in lines[2:] if not re.fullmatch(r"[IVXLC]+", line)]

@@ -553,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. hc_mult=2 engram_layer_ids=[1]"
     )
     tr.add_argument(
-        "--data", nargs="+", help=".txt/.jsonl files or directories of them (default, without --dataset: the built-in Sonnets)"
+        "--data",
+        nargs="+",
+        help=".txt/.jsonl files or directories of them (default, without --dataset: the built-in Sonnets)",
     )
     tr.add_argument("--dataset", help="a datasets name or local dataset path (split 'train'), instead of --data")
     tr.add_argument("--text-field", default="text", help="text field of .jsonl lines / dataset column")
