@@ -248,9 +248,6 @@ def test_python_m_engram_hf_evaluation_is_lm_evals_cli_with_the_engram_model(ckp
         **float_tolerance(torch.float32, reduction=384, scale=12.0),
     )
 
-    # lm-eval writes each (log-likelihood, is-greedy) pair as strings.
-    assert results["True"] == [[[[str(v) for v in r[0]]] for r in doc] for doc in in_process]
-
 
 def test_eval_refuses_bad_numbers_and_outputs_it_did_not_write(ckpt, tmp_path, capsys):
     from engram_hf.cli import main
