@@ -29,7 +29,7 @@ def test_smoke_preset_writes_every_artefact(quickstart_dir):
     text = (quickstart_dir / "report.md").read_text()
     for heading in ("## 1. Training", "## 2. Save and reload", "## 3. Evaluation", "## 4. Correcting", "## 5. Where"):
         assert heading in text
-    assert "engram-hf quickstart" in (quickstart_dir / ".engram-hf-output.json").read_text()
+    assert json.loads((quickstart_dir / ".engram-hf-output.json").read_text())["command"] == "quickstart"
 
 
 def test_bad_input_is_refused_before_any_work(tmp_path):
