@@ -11,6 +11,12 @@ of the model:
 * ``rows+templates`` (the headline method, ``--headline``): the same, optimised under the request's
   prompt and its relation's templates too (CounterFact's prompt templates of the relation: the
   prompt's and two more phrasings; never a held-out one);
+* ``rows+templates exclusive``: the same, editing only rows that at least half of their readers in
+  the training corpus read as the request's own words (``exclusive=0.5`` with a ``CorpusIndex``: the
+  n-gram with the subject at the same offset), so rows mostly read by another subject, the
+  relation's words, an object or a hash collision stay untouched (``exclusive=True``, every reader,
+  leaves some of this world's subjects no row at all: their names are made of pieces other names
+  share);
 * ``rows+templates subject-only``: only the subject's rows, never widened (positions="subject");
 * ``rows+templates+prefixes``: and under ROME's generated prefixes (2);
 * ``rows+templates+related``: and the subject's other relations, in their templates, held
@@ -57,7 +63,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from engram_hf.data import builtin_text
-from engram_hf.editing import CorpusIndex, EditRequest, EngramEditor, EngramPatch
+from engram_hf.editing import CorpusIndex, EditInputError, EditRequest, EngramEditor, EngramPatch
 from engram_hf.editing.batch import plot_curves
 from engram_hf.editing.evaluate import ScoreCase, _pair_scores, counterfact_scores
 from engram_hf.editing.facts import RELATIONS, FactWorld, train_fact_model
@@ -72,6 +78,7 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
 METHODS = {
     "rows": dict(editor=dict(keep_related=False)),
     "rows+templates": dict(editor=dict(templates=True, keep_related=False)),
+    "rows+templates exclusive": dict(editor=dict(templates=True, keep_related=False, exclusive=0.5)),
     "rows+templates subject-only": dict(editor=dict(positions="subject", templates=True, keep_related=False)),
     "rows+templates+prefixes": dict(editor=dict(templates=True, prefixes=2, keep_related=False)),
     "rows+templates+related": dict(editor=dict(templates=True, keep_related=True)),
@@ -97,7 +104,8 @@ def fact_model(args, world, filler):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = {
-        k: getattr(args, k) for k in ("subjects", "objects", "train_steps", "table_size", "hidden", "seed", "lr")
+        k: getattr(args, k)
+        for k in ("subjects", "objects", "train_steps", "table_size", "hidden", "seed", "lr", "vocab_size")
     }
     cache = Path(args.model_cache) if args.model_cache else None
     if cache is not None and (cache / "bench_settings.json").exists():
@@ -115,6 +123,7 @@ def fact_model(args, world, filler):
         hidden_size=args.hidden,
         intermediate_size=2 * args.hidden,
         engram_vocab_size=[args.table_size, args.table_size],
+        vocab_size=args.vocab_size,
         seed=args.seed,
     )
     seconds = time.time() - started
@@ -235,9 +244,10 @@ def score_cases(world, cases, edited_prompts, known):
     return out
 
 
-def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe, args, corpus_docs, on_point=None):
+def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe, args, index, on_point=None):
     m = copy.deepcopy(model).eval()
     curve, steps, seconds, rows, converged, kept, widened, slowest = [], [], 0.0, 0, 0, [], 0, 0.0
+    refused = []  # requests the editor refused (they stay unedited and score as failures)
     editor = None
     templates = world.templates()
 
@@ -245,6 +255,8 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
         kw = dict(kw)
         if kw.pop("templates", False):
             kw["templates"] = templates
+        if kw.get("exclusive"):
+            kw["corpus"] = index  # built from the unedited model: the same addressing as this copy
         return EngramEditor(
             m, tok, max_steps=args.max_steps, max_kept=args.max_kept, progress=False, seed=args.seed, **kw
         )
@@ -262,12 +274,17 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
         requests = [EditRequest(c.prompt, c.target, subject=c.subject, relation=c.relation) for c in chunk]
         t = time.perf_counter()
         if editor is not None:
-            result = editor.edit(requests)
-            steps.append(result.steps)
-            kept.append(result.kept_previous)
-            widened += result.widened
-            converged += sum(r.converged for r in result.requests)
-            rows += result.patch.num_rows
+            try:
+                result = editor.edit(requests)
+            except EditInputError as e:  # e.g. exclusive rows: none left for this request
+                refused.append({"edit": done, "error": str(e)})
+                result = None
+            if result is not None:
+                steps.append(result.steps)
+                kept.append(result.kept_previous)
+                widened += result.widened
+                converged += sum(r.converged for r in result.requests)
+                rows += result.patch.num_rows
         else:
             if spec["ft"] == "full":
                 params, table_rows = list(m.parameters()), True
@@ -311,12 +328,13 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
     }
     if editor is not None:
         out["converged"] = converged
+        out["refused"] = refused
         out["widened"] = widened
         out["mean_kept_previous"] = sum(kept) / len(kept)
         out["max_kept_previous"] = max(kept)
         stacked = EngramPatch.stack(editor.history)
         out["rows_changed"] = stacked.changed_rows
-        out["collisions"] = collisions(m, tok, editor, corpus_docs) if name == args.headline else None
+        out["collisions"] = collisions(m, editor, index) if name == args.headline else None
         # Revert every edit, in a random order the patch stack allows; the tables must be bit-identical.
         t = time.perf_counter()
         rng = random.Random(args.seed)
@@ -334,10 +352,9 @@ def run_method(name, spec, model, tok, world, cases, scored, checkpoints, probe,
     return out
 
 
-def collisions(model, tok, editor, docs) -> dict:
+def collisions(model, editor, index) -> dict:
     """How many edited rows other corpus n-grams also read (hash collisions), measured on the
     training corpus: the edits' rows against every position's rows (a ``CorpusIndex``)."""
-    index = CorpusIndex(model, tok, docs, progress=False)
     stacked = EngramPatch.stack(editor.history)
     seen = colliding = 0
     for layer, rows in stacked.rows.items():
@@ -360,6 +377,13 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-2, help="training learning rate")
     ap.add_argument("--table-size", type=int, default=200003, help="rows per head and n-gram order")
     ap.add_argument("--hidden", type=int, default=96)
+    ap.add_argument(
+        "--vocab-size",
+        type=int,
+        default=768,
+        help="the fact model's BPE vocabulary. At 768 names split into 4-6 syllable pieces that other names "
+        "share (so do their rows); at 2048 into 2-4 pieces no other name shares, and fewer rows per subject",
+    )
     ap.add_argument("--max-steps", type=int, default=50)
     ap.add_argument("--ft-lr", type=float, default=1e-3)
     ap.add_argument("--max-kept", type=int, default=16, help="earlier edits kept in an edit's objective, at most")
@@ -407,6 +431,7 @@ def main():
     checkpoints = sorted({int(x) for x in args.checkpoints.split(",") if int(x) <= len(cases)} | {len(cases)})
     corpus_docs = world.corpus(filler)
     probe = Probe(model, tok, heldout, corpus_docs[:60])
+    index = CorpusIndex(model, tok, corpus_docs, progress=False)
 
     results = {"methods": {}}
     before = []
@@ -427,7 +452,7 @@ def main():
                 Path(args.json).write_text(json.dumps(results, indent=2))
 
         results["methods"][name] = run_method(
-            name, METHODS[name], model, tok, world, cases[:n], scored[:n], cps, probe, args, corpus_docs, partial
+            name, METHODS[name], model, tok, world, cases[:n], scored[:n], cps, probe, args, index, partial
         )
         summary = {k: v for k, v in results["methods"][name].items() if k != "curve"}
         print(name, json.dumps(summary))

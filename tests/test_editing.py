@@ -641,6 +641,41 @@ def test_preserve_protects_other_readers_of_the_edited_rows(facts):
     assert drift[16] < drift[0], drift
 
 
+def test_exclusive_edits_only_rows_no_other_context_reads(facts):
+    """exclusive=True leaves out every row another context of the corpus reads. Checked on raw token
+    ids, apart from the editor's canonical n-grams: each corpus position reading an edited row has
+    the subject's tokens ending at most two tokens before it (an n-gram of order 3 reaches that far)."""
+    world, path, tokenizer, corpus = facts
+    model = _load(path)
+    index = CorpusIndex(model, tokenizer, corpus, progress=False)
+    case = _case(world, tokenizer, model)
+    request = EditRequest(case.prompt, case.target, subject=case.fact.subject)
+    subject = tokenizer(" " + case.fact.subject, add_special_tokens=False).input_ids
+
+    def foreign(rowset) -> int:
+        """Corpus positions reading ``rowset`` with no mention of the subject ending within 2 tokens."""
+        out = 0
+        for layer, rows in rowset.rows.items():
+            for row in rows.tolist():
+                for p in index.positions(layer, row).tolist():
+                    doc, _ = index.locate_position(p)
+                    start = int(index.doc_start[doc])
+                    ends = range(max(start + len(subject) - 1, p - 2), p + len(subject))
+                    out += not any(index.ids[e - len(subject) + 1 : e + 1].tolist() == subject for e in ends)
+        return out
+
+    # Every position's rows: the prompt's words ("The capital of") are read by every subject's prompt.
+    plain = EngramEditor(model, tokenizer, positions="all", progress=False).edit(request, apply=False)
+    assert foreign(plain.patch.rowset()) > 0
+    editor = EngramEditor(model, tokenizer, positions="all", corpus=index, exclusive=True, progress=False)
+    result = editor.edit(request, apply=False)
+    assert 0 < result.patch.num_rows < plain.patch.num_rows
+    assert foreign(result.patch.rowset()) == 0
+    assert result.requests[0].success
+    with pytest.raises(ValueError, match="exclusive=True .* pass corpus"):
+        EngramEditor(model, tokenizer, exclusive=True)
+
+
 def test_bad_input_gets_clear_messages(facts):
     world, path, tokenizer, _ = facts
     model = _load(path)
@@ -707,6 +742,11 @@ def test_cli_locate_edit_and_patch_commands(facts, tmp_path, capsys):
     assert last.startswith("engram-hf patch: error:") and "new values" in last
     assert cli_main(["edit", str(path), "--prompt", case.prompt, "--target", ""]) == 1
     assert "target is empty" in capsys.readouterr().err
+    assert cli_main([*argv[:-2], "--exclusive"]) == 1  # exclusive rows are judged against a corpus
+    assert "exclusive=True" in capsys.readouterr().err
+    argv = [*argv[:-1], str(tmp_path / "excl.safetensors"), "--subject", case.fact.subject]
+    assert cli_main([*argv, "--exclusive", "--corpus", str(corpus_file)]) == 0
+    assert "efficacy (target is the greedy completion): 0.0% -> 100.0%" in capsys.readouterr().out
     assert cli_main(["patch", "show", str(path / "config.json")]) == 1
     assert "not a safetensors file" in capsys.readouterr().err
 

@@ -331,6 +331,7 @@ def _editor(args, model, tokenizer, corpus, templates=None):
         lr=args.lr,
         corpus=corpus,
         preserve=args.preserve,
+        exclusive=args.exclusive,
         templates=templates,
         prefixes=args.prefixes,
         context_prob=args.context_prob,
@@ -435,6 +436,7 @@ def _edit_requests(args) -> int:
             "templates": sorted(templates or {}),
             "prefixes": args.prefixes,
             "preserve": args.preserve,
+            "exclusive": args.exclusive,
             "steps": args.steps,
             "target_prob": args.target_prob,
             "context_prob": args.context_prob,
@@ -828,6 +830,12 @@ def build_parser() -> argparse.ArgumentParser:
     ed.add_argument("--target-prob", type=float, default=0.9, help="stop once every target token has this probability")
     ed.add_argument("--lr", type=float, default=0.05)
     ed.add_argument("--preserve", type=int, default=0, help="with --corpus: colliding contexts per row to protect")
+    ed.add_argument(
+        "--exclusive",
+        action="store_true",
+        help="with --corpus: edit only rows no other corpus context reads (not another subject's, the relation's "
+        "words', the objects' or a hash collision's)",
+    )
     ed.set_defaults(func=_edit)
 
     pa = sub.add_parser("patch", help="show, apply, revert or stack Engram patches")

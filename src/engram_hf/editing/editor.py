@@ -332,6 +332,14 @@ class EngramEditor:
       ``preserve`` (corpus readers per edited row to protect), ``preserve_window`` (their context),
       ``settle_steps`` (once the targets are met, further steps that may lower that KL; the best
       state still meeting every target is kept).
+    * ``exclusive`` (needs ``corpus``): edit only rows that no other context of the corpus reads. A
+      row is kept when every corpus position reading it holds the request's own words there: the
+      n-gram *and* the subject around it, at the same offset. Rows shared with another subject
+      (names made of the same pieces), with the relation's words or with the objects' (read by
+      every fact of that object), and hash collisions are left alone. What the corpus never
+      shows, it cannot vouch for: rows no corpus position reads are kept. A number in (0, 1)
+      instead of ``True`` keeps rows of which at least that share of readers is the request's own
+      (a subject whose every piece other names share keeps its least shared rows).
     * ``keep_previous``: earlier edits of this editor whose prompts read a row this edit changes stay
       in the objective, so a later edit cannot undo them; at most ``max_kept`` of them (the ones
       closest to losing their target), so that an edit's cost stays bounded over thousands of edits
@@ -363,6 +371,7 @@ class EngramEditor:
         preserve: int = 0,
         preserve_window: int = 16,
         settle_steps: int = 10,
+        exclusive: bool | float = False,
         keep_previous: bool = True,
         max_kept: int | None = 64,
         keep_related: bool = True,
@@ -391,6 +400,14 @@ class EngramEditor:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}.")
         if preserve and corpus is None:
             raise ValueError("preserve=k protects corpus contexts: pass corpus=CorpusIndex(...) too.")
+        if exclusive and corpus is None:
+            raise ValueError(
+                "exclusive=True keeps the rows no other corpus context reads: pass corpus=CorpusIndex(...)."
+            )
+        if isinstance(exclusive, bool) or exclusive is None:
+            exclusive = 1.0 if exclusive else 0.0
+        elif not 0.0 < float(exclusive) <= 1.0:
+            raise ValueError(f"exclusive must be True, False or a share of own readers in (0, 1], got {exclusive}.")
         if prefixes < 0 or not prefix_tokens or min(prefix_tokens) < 1:
             raise ValueError(f"prefixes must be >= 0 and prefix_tokens positive, got {prefixes}, {prefix_tokens}.")
         self.templates = _check_templates(templates)
@@ -403,6 +420,7 @@ class EngramEditor:
         self.prefixes, self.prefix_tokens, self.context_prob = prefixes, tuple(prefix_tokens), context_prob
         self.corpus, self.preserve, self.preserve_window = corpus, preserve, preserve_window
         self.settle_steps, self.keep_previous, self.keep_related = settle_steps, keep_previous, keep_related
+        self.exclusive = float(exclusive)  # the share of a row's corpus readers that must be the request's
         if max_kept is not None and max_kept < 1:
             raise ValueError(f"max_kept must be >= 1 or None, got {max_kept}.")
         self.max_kept = max_kept
@@ -414,6 +432,7 @@ class EngramEditor:
         self._needed: dict[tuple, list[int]] = {}  # per sequence, the target positions it cannot continue
         self._prefix_texts: list[str] | None = None
         self._widen: set[int] = set()  # requests whose prompts' last-position rows are edited too
+        self._exclusive_cache: dict[tuple, bool] = {}
 
     # ------------------------------------------------------------------ requests → sequences → rows
     def prefix_texts(self) -> list[str]:
@@ -553,6 +572,7 @@ class EngramEditor:
         ids, mask = batch_ids([s.ids for s in seqs], self.pad_id)
         hits = {layer: r.cpu() for layer, r in self.model.engram_row_ids(ids.to(dev), mask.to(dev)).items()}
         canons = canonical_ids(self.model, ids.to(dev), mask.to(dev))
+        skipped = 0
         for b, seq in enumerate(seqs):
             sites = self._edit_sites(seq, widen)
             strings = None
@@ -562,6 +582,9 @@ class EngramEditor:
                     for head, row in enumerate(r[t].tolist()):
                         order = self.decoder.order_of_head(head)
                         if (self.orders is not None and order not in self.orders) or t - order + 1 < earliest:
+                            continue
+                        if self.exclusive and not self._exclusive(layer, row, seq, canons[b], t, order):
+                            skipped += 1
                             continue
                         rows.setdefault(layer, []).append(row)
                         if (layer, row) not in seen:
@@ -584,11 +607,39 @@ class EngramEditor:
                             )
         rowset = RowSet({k: torch.tensor(v) for k, v in rows.items()})
         if not rowset:
+            why = f", {skipped} read by other corpus contexts (exclusive=True)" if skipped else ""
             raise EditInputError(
                 f"The request {enc.request.prompt!r} -> {enc.request.target!r} hits no Engram row with "
-                f"layers={list(self.layers)}, orders={self.orders}: nothing to edit."
+                f"layers={list(self.layers)}, orders={self.orders}{why}: nothing to edit."
             )
         return rowset, grams
+
+    def _exclusive(self, layer: int, row: int, seq: _Seq, canon: torch.Tensor, t: int, order: int) -> bool:
+        """Whether every corpus position reading ``row`` holds this sequence's words there: the n-gram
+        ending at ``t`` and, when the request names one, the subject, at the same offset (cached)."""
+        a = max(0, t - order + 1)
+        if seq.subject is not None:
+            a = min(a, min(seq.subject))
+            z = max(t, max(seq.subject))
+        else:
+            z = t
+        anchor = tuple(int(x) for x in canon[a : z + 1])
+        key = (layer, row, anchor, t - a)
+        hit = self._exclusive_cache.get(key)
+        if hit is None:
+            index = self.corpus
+            flat = index.positions(layer, row)
+            if flat.numel() == 0:
+                hit = True
+            else:
+                end = flat + (z - t)  # where the anchor ends, for a reader at the n-gram's last token
+                doc = torch.searchsorted(index.doc_start, flat, right=True) - 1
+                inside = end < index.doc_start[doc + 1]
+                grams = index.ngrams(end.clamp_max(index.n_tokens - 1), len(anchor))
+                own = inside & (grams == torch.tensor(anchor)[None]).all(-1)
+                hit = float(own.float().mean()) >= self.exclusive
+            self._exclusive_cache[key] = hit
+        return hit
 
     def plan(self, requests) -> dict:
         """What ``edit(requests)`` would touch, without changing anything: rows and n-grams per request
@@ -728,6 +779,7 @@ class EngramEditor:
                 "prefixes": self.prefixes,
                 "locality_weight": self.locality_weight,
                 "preserve": self.preserve,
+                "exclusive": self.exclusive,
             },
         }
         patch.info["kept_previous"] = len(kept)
