@@ -20,6 +20,7 @@ from engram_hf.experiments import (
     _plot_ushape,
     count_params,
     experts_removed,
+    in_context_chance,
     in_context_documents,
     in_context_items,
     locate_minimum,
@@ -188,6 +189,44 @@ def test_mask_corpus_mixes_in_each_part_at_its_share():
     for bad in ({"repeat": 0.6, "facts": 0.5}, {"riddle": 0.1}, {"repeat": 0.0}):
         with pytest.raises(ValueError, match="Shares"):
             mask_corpus(text, world, bad)
+
+
+def test_chance_is_given_only_where_every_answer_is_one_token():
+    from engram_hf.training import train_bpe_tokenizer
+
+    docs = [*in_context_documents("repeat", 60_000), *in_context_documents("lookup", 60_000)]
+    whole = train_bpe_tokenizer(docs, 2048)  # every syllable and two-digit value is a token
+    assert in_context_chance(whole) == {
+        "in_context_repeat": 1 / len(CONTEXT_WORDS),
+        "in_context_lookup": 1 / len(LOOKUP_VALUES),
+    }
+    # Too few merges for " 25" to be one token: accuracy is then per digit, and 1/90 no baseline.
+    split = train_bpe_tokenizer(docs, 300)
+    assert len(split(" 25", add_special_tokens=False)["input_ids"]) > 1
+    assert in_context_chance(split)["in_context_lookup"] is None
+
+
+def test_mask_experiment_trains_with_its_own_recipe_unless_told(tmp_path, monkeypatch):
+    import engram_hf.experiments as ex
+
+    seen = {}
+    for name in ex.EXPERIMENTS:  # record each experiment's training spec instead of training
+        monkeypatch.setattr(ex, f"experiment_{name}", lambda spec, *a, _n=name, **k: seen.setdefault(_n, spec) and {})
+    ex.run_experiments("all", None, tmp_path / "a", texts=["one doc", "two doc"], quick=True)
+    mask, iso = seen.pop("mask"), seen.pop("iso")
+    assert {seen.pop("ushape").steps, seen.pop("scaling").steps} == {ex.EXPERIMENT_STEPS}
+    recipe = (ex.MASK_STEPS, ex.MASK_VOCAB_SIZE, ex.MASK_WARMUP)
+    assert (mask.steps, mask.bpe_vocab_size, mask.warmup_fraction) == recipe
+    assert (iso.steps, iso.bpe_vocab_size) == (ex.EXPERIMENT_STEPS, ex.EXPERIMENT_VOCAB_SIZE)
+    assert iso.warmup_fraction != ex.MASK_WARMUP  # the others keep the trainer's warm-up
+    ex.run_experiments("mask", None, tmp_path / "b", steps=7, vocab_size=300, texts=["one doc", "two doc"])
+    assert (seen["mask"].steps, seen["mask"].bpe_vocab_size, seen["mask"].warmup_fraction) == (7, 300, ex.MASK_WARMUP)
+
+
+def test_experiment_steps_default_per_experiment_but_must_be_positive(tmp_path, capsys):
+    assert main(["experiment", "mask", "--steps", "0", "--out", str(tmp_path / "o")]) == 1
+    assert "--steps must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def _tiny_engram_model(vocab_size: int):

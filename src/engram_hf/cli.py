@@ -625,10 +625,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=".txt/.jsonl files or directories (the last documents are held out; default: the built-in Sonnets)",
     )
     ex.add_argument("--out", default="runs/experiments")
-    ex.add_argument("--steps", type=int, default=300)
+    ex.add_argument("--steps", type=int, help="training steps per model (default: 300; mask: 6000)")
     ex.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ex.add_argument("--tokenizer", help="tokenizer directory (default: a byte-level BPE trained on the data)")
-    ex.add_argument("--vocab-size", type=int, default=4096)
+    ex.add_argument("--vocab-size", type=int, help="BPE vocabulary when no --tokenizer (default: 4096; mask: 2048)")
     # Defaults of the ushape and mask options live in engram_hf.experiments (imported only when run).
     ex.add_argument(
         "--rhos",
@@ -873,7 +873,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command. A failure prints one line and returns 1; ``--debug`` shows the traceback."""
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "steps", 1) < 1:
+        if getattr(args, "steps", None) is not None and args.steps < 1:  # None: the command's default
             raise UsageError("--steps must be >= 1")
         return args.func(args)
     except KeyboardInterrupt:
